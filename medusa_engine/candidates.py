@@ -1,0 +1,45 @@
+"""Turn the root token and the heads' logits into the tree's tokens (pure).
+
+Shape legend: K = heads, V = vocabulary, N = tree nodes incl. the root, P = paths, L = depth + 1.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from medusa_engine.config import SamplingConfig
+from medusa_engine.tree import TreeBuffers
+
+PAD_TOKEN = -1  # stands in for "no node" in padded paths; never equals a real token
+
+
+def choose_token(
+    logits_V: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """The base model's next token (0-d int64): argmax, or a sample from softmax(logits / T)."""
+    if sampling.greedy:
+        return logits_V.argmax(-1)
+    probs_V = torch.softmax(logits_V.float() / sampling.temperature, dim=-1)
+    return torch.multinomial(probs_V, 1, generator=generator)[0]
+
+
+def tree_candidates(
+    root: torch.Tensor, head_logits_KV: torch.Tensor | None, tree: TreeBuffers
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fill the tree: (tree_tokens_N, candidates_PL).
+
+    `root` is the 0-d token chosen by the base model; node i takes entry `tree.topk_index_N[i]`
+    of [root, head 0's top-k, head 1's top-k, ...]. `candidates_PL` lists the tokens along each
+    root-to-leaf path, padded with PAD_TOKEN.
+    """
+    root_1 = root.reshape(1)
+    if tree.num_nodes == 1:
+        return root_1, root_1.reshape(1, 1)
+    if head_logits_KV is None or head_logits_KV.shape[0] < tree.num_heads:
+        got = 0 if head_logits_KV is None else head_logits_KV.shape[0]
+        raise ValueError(f"tree needs {tree.num_heads} heads, the drafter gave {got}")
+    topk_KT = torch.topk(head_logits_KV[: tree.num_heads], tree.top_k, dim=-1).indices
+    pool = torch.cat([root_1, topk_KT.flatten()])
+    tree_tokens_N = pool[tree.topk_index_N]
+    padded = torch.cat([tree_tokens_N, tree_tokens_N.new_full((1,), PAD_TOKEN)])
+    return tree_tokens_N, padded[tree.paths_PL]  # index -1 picks the PAD entry

@@ -1,0 +1,185 @@
+"""The `medusa-engine` command: thin argparse front ends over the library.
+
+Bad input (unknown model, missing or mismatched heads, invalid tree, prompt too long) ends with a
+one-line `medusa-engine: error: ...` on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from medusa_engine.models import DEFAULT_MODEL, ModelNotFoundError
+from medusa_engine.trees import DEFAULT_TREE
+
+EXIT_USAGE = 2
+
+
+class CLIError(Exception):
+    """An error to report in one line."""
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from medusa_engine.heads import HeadsError
+    from medusa_engine.hf_adapter import ContextOverflowError
+    from medusa_engine.tree import InvalidTreeError
+
+    return (CLIError, ModelNotFoundError, HeadsError, InvalidTreeError, ContextOverflowError,
+            ValueError, OSError)  # fmt: skip
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """Flags shared by every command that loads a model with heads."""
+    p.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help="alias (stories260k, smollm2-135m-instruct), HF folder, .gguf file or hub id",
+    )
+    p.add_argument(
+        "--heads",
+        default="auto",
+        help="heads folder; 'auto' = the model's bundled heads, 'none' = plain decoding",
+    )
+    p.add_argument("--tree", default=DEFAULT_TREE, help="tree preset name or a JSON file of paths")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="0 = greedy (lossless); > 0 samples with typical acceptance",
+    )
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--seed", type=int, default=None)
+
+
+def load_engine(args: argparse.Namespace):
+    """Model + heads + tree + sampling from parsed flags -> a `MedusaGenerator`."""
+    from medusa_engine.config import SamplingConfig
+    from medusa_engine.generate import MedusaGenerator
+    from medusa_engine.heads import MedusaHeads
+    from medusa_engine.hf_adapter import HFModel, quiet_transformers
+    from medusa_engine.models import resolve_model
+
+    if args.max_new_tokens <= 0:
+        raise CLIError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
+    sampling = SamplingConfig(temperature=args.temperature, seed=args.seed)
+    source = resolve_model(args.model)
+    heads_dir: Path | None
+    if args.heads == "none":
+        heads_dir = None
+    elif args.heads == "auto":
+        heads_dir = source.bundled_heads
+    else:
+        heads_dir = Path(args.heads)
+    heads = MedusaHeads.load(heads_dir) if heads_dir is not None else None
+    tree = _tree_arg(args.tree)
+    quiet_transformers()
+    model = HFModel.load(source, dtype=args.dtype, device=args.device)
+    return MedusaGenerator(model, heads, tree, sampling)
+
+
+def _tree_arg(value: str):
+    path = Path(value)
+    if value.endswith(".json") or path.is_file():
+        if not path.is_file():
+            raise CLIError(f"tree file not found: {path}")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise CLIError(f"{path} is not valid JSON: {err}") from None
+        paths = data.get("paths", data) if isinstance(data, dict) else data
+        if not isinstance(paths, list) or not all(isinstance(p, list) for p in paths):
+            raise CLIError(f"{path} must hold a list of paths (lists of ranks)")
+        return [tuple(p) for p in paths]
+    return value
+
+
+def encode_prompt(tokenizer, text: str, raw: bool) -> list[int]:
+    """Token ids of `text`, wrapped in the chat template when the tokenizer has one."""
+    if not raw and getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
+        )
+        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+    return list(tokenizer(text)["input_ids"])
+
+
+def summary_line(result) -> str:
+    return (f"[{len(result.token_ids)} new tokens, {result.steps} steps, "
+            f"τ={result.mean_accepted:.2f}, {result.tokens_per_s:.1f} tok/s, "
+            f"finish={result.finish_reason}]")  # fmt: skip
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from medusa_engine.generate import GenerationResult
+
+    engine = load_engine(args)
+    tokenizer = engine.model.tokenizer
+    prompt_ids = encode_prompt(tokenizer, args.prompt, args.raw)
+    result = GenerationResult()
+    stream = engine.stream(prompt_ids, args.max_new_tokens, result=result)
+    if args.json:
+        for _ in stream:
+            pass
+    else:
+        printed = ""
+        for _ in stream:  # re-decode the whole reply so multi-token characters print correctly
+            text = tokenizer.decode(result.token_ids, skip_special_tokens=True)
+            sys.stdout.write(text[len(printed) :])
+            sys.stdout.flush()
+            printed = text
+        sys.stdout.write("\n")
+        print(summary_line(result), file=sys.stderr)
+        return 0
+    print(json.dumps({
+        "text": tokenizer.decode(result.token_ids, skip_special_tokens=True),
+        "token_ids": result.token_ids,
+        "new_tokens": len(result.token_ids),
+        "steps": result.steps,
+        "mean_accepted": result.mean_accepted,
+        "tokens_per_s": result.tokens_per_s,
+        "accepted_lengths": result.accepted_lengths,
+        "finish_reason": result.finish_reason,
+        "prefill_s": result.prefill_s,
+        "total_s": result.total_s,
+        "model": engine.model.name,
+        "tree_nodes": engine.tree.num_nodes,
+    }))  # fmt: skip
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medusa-engine", description=__doc__.split("\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="generate a reply to one prompt")
+    add_model_args(gen)
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    gen.add_argument("--json", action="store_true", help="print one JSON object")
+    gen.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")  # fmt: skip
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except KeyboardInterrupt:
+        return 130
+    except _user_errors() as err:
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"medusa-engine: error: {message}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""Frozen, validated configuration dataclasses. CLI flags map one-to-one onto these fields."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class HeadsConfig:
+    """K Medusa heads on the base model's last hidden state.
+
+    Each head is `num_layers` residual blocks `x + SiLU(W x + b)` followed by a vocabulary
+    projection: the head's own (`shared_lm_head=False`, the published Medusa format) or the base
+    model's frozen LM head shared by all heads (`shared_lm_head=True`).
+    """
+
+    num_heads: int
+    num_layers: int
+    hidden_size: int
+    vocab_size: int
+    shared_lm_head: bool = True
+    base_model: str = ""
+
+    def __post_init__(self) -> None:
+        for name in ("num_heads", "num_layers", "hidden_size", "vocab_size"):
+            if getattr(self, name) < (0 if name == "num_layers" else 1):
+                raise ValueError(f"HeadsConfig.{name} must be positive, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How tokens are chosen and candidates accepted.
+
+    temperature == 0: greedy; exact-match acceptance (lossless: identical to greedy decoding).
+    temperature > 0 with `acceptance="typical"`: Medusa's typical acceptance (Cai et al. 2024,
+    Sec. 3.3.1): candidate x is accepted when p(x) > min(epsilon, delta * exp(-H(p))), with
+    epsilon = `posterior_threshold`, delta = `posterior_alpha`.
+    """
+
+    temperature: float = 0.0
+    acceptance: str = "typical"
+    posterior_threshold: float = 0.09
+    posterior_alpha: float = 0.3
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.acceptance not in ("typical",):
+            raise ValueError(f"unknown acceptance rule {self.acceptance!r}; choose 'typical'")
+        if not 0 < self.posterior_threshold <= 1 or not 0 < self.posterior_alpha <= 1:
+            raise ValueError("posterior_threshold and posterior_alpha must be in (0, 1]")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0

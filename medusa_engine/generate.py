@@ -1,0 +1,254 @@
+"""The decode loop: prefill, then repeat {heads propose, verify tree, accept, commit}.
+
+Shape legend: E = hidden size, V = vocabulary, K = heads, N = tree nodes, P = paths.
+
+Token ids in, token ids out: this module knows nothing about text. One step (Medusa, Alg. 1):
+
+1. the drafter (Medusa heads) turns the hidden state of the last kept token into logits_KV;
+2. `tree_candidates` fills the tree: the root is the base model's own next token, deeper nodes the
+   heads' top-k;
+3. one forward of the base model verifies all N nodes (tree mask + position ids over the cache);
+4. the acceptance rule keeps the longest valid prefix of one path, plus the base model's next
+   token after it (the bonus token, the next root);
+5. the cache keeps exactly the kept path (one gather), and the kept tokens are emitted.
+
+Each step emits `accepted + 1` tokens; τ (mean accepted length) is their mean over steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from medusa_engine.acceptance import accept
+from medusa_engine.candidates import choose_token, tree_candidates
+from medusa_engine.config import SamplingConfig
+from medusa_engine.heads import MedusaHeads
+from medusa_engine.hf_adapter import HFModel, KVSession
+from medusa_engine.tree import TreeBuffers, build_tree, tree_from_name
+from medusa_engine.trees import DEFAULT_TREE
+
+log = logging.getLogger(__name__)
+
+
+class Drafter(Protocol):
+    """Anything that proposes K tokens' logits from the last kept hidden state."""
+
+    num_heads: int
+
+    def __call__(self, hidden_E: torch.Tensor, token_ids: Sequence[int]) -> torch.Tensor:
+        """logits_KV for the K tokens after the base model's next token."""
+        ...
+
+
+class HeadsDrafter:
+    """Medusa heads as a `Drafter` (the shared LM head, if any, is the base model's)."""
+
+    def __init__(self, heads: MedusaHeads, model: HFModel) -> None:
+        heads.check_compatible(model.hidden_size, model.vocab_size, model.name)
+        self.heads = heads.to(device=model.device, dtype=model.dtype).eval()
+        self.lm_head = model.lm_head
+        self.num_heads = heads.num_heads
+
+    @torch.inference_mode()
+    def __call__(self, hidden_E: torch.Tensor, token_ids: Sequence[int]) -> torch.Tensor:
+        return self.heads(hidden_E[None], self.lm_head)[0]
+
+
+@dataclass
+class GenerationResult:
+    """What one request produced; `accepted_lengths[s]` = tokens emitted by verify step s."""
+
+    token_ids: list[int] = field(default_factory=list)
+    accepted_lengths: list[int] = field(default_factory=list)
+    finish_reason: str = ""
+    prefill_s: float = 0.0
+    total_s: float = 0.0
+
+    @property
+    def steps(self) -> int:
+        return len(self.accepted_lengths)
+
+    @property
+    def mean_accepted(self) -> float:
+        """τ: tokens per verification forward (the prefill's first token is not counted)."""
+        return sum(self.accepted_lengths) / self.steps if self.steps else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return len(self.token_ids) / self.total_s if self.total_s > 0 else 0.0
+
+
+class MedusaGenerator:
+    """Speculative decoding over an `HFModel` with Medusa heads (or any `Drafter`).
+
+    Without a drafter (or with the `plain` tree) the same loop does plain decoding.
+    """
+
+    def __init__(
+        self,
+        model: HFModel,
+        heads: MedusaHeads | Drafter | None = None,
+        tree: TreeBuffers | str | Sequence[Sequence[int]] = DEFAULT_TREE,
+        sampling: SamplingConfig | None = None,
+    ) -> None:
+        self.model = model
+        self.drafter: Drafter | None = (
+            HeadsDrafter(heads, model) if isinstance(heads, MedusaHeads) else heads
+        )
+        num_heads = self.drafter.num_heads if self.drafter is not None else 0
+        if isinstance(tree, str):
+            tree = tree_from_name(tree, num_heads)
+        elif not isinstance(tree, TreeBuffers):
+            tree = build_tree(tree, num_heads)
+        if tree.num_heads > num_heads:
+            raise ValueError(f"tree is {tree.num_heads} deep but the drafter has {num_heads} heads")
+        self.tree = tree.to(model.device)
+        self.plain_tree = build_tree([], 0).to(model.device)
+        self.sampling = sampling or SamplingConfig()
+        self.generator = torch.Generator(device=model.device)
+        if self.sampling.seed is not None:
+            self.generator.manual_seed(self.sampling.seed)
+
+    # ---- public API -------------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompt_ids: Sequence[int],
+        max_new_tokens: int,
+        *,
+        session: KVSession | None = None,
+        eos_token_ids: Sequence[int] | None = None,
+        stop: Callable[[Sequence[int]], bool] | None = None,
+    ) -> GenerationResult:
+        """Run to completion; see `stream` for the arguments."""
+        result = GenerationResult()
+        for _ in self.stream(
+            prompt_ids,
+            max_new_tokens,
+            session=session,
+            eos_token_ids=eos_token_ids,
+            stop=stop,
+            result=result,
+        ):
+            pass
+        return result
+
+    def stream(
+        self,
+        prompt_ids: Sequence[int],
+        max_new_tokens: int,
+        *,
+        session: KVSession | None = None,
+        eos_token_ids: Sequence[int] | None = None,
+        stop: Callable[[Sequence[int]], bool] | None = None,
+        result: GenerationResult | None = None,
+    ) -> Iterator[list[int]]:
+        """Yield new tokens as they are accepted (one list per step, prefill first).
+
+        `session`: a KV cache to reuse; the longest common prefix of its tokens and `prompt_ids`
+        is kept and only the rest is prefilled. Afterwards it holds the prompt and the new tokens
+        (all but the last, whose K/V the next request computes). `eos_token_ids` defaults to the
+        model's; generation stops after an EOS token. `stop(new_tokens)` is asked after each
+        step; True ends generation (finish reason "stop"). `result` is filled as tokens come.
+        """
+        result = result if result is not None else GenerationResult()
+        eos = set(self.model.eos_token_ids if eos_token_ids is None else eos_token_ids)
+        session = session if session is not None else self.model.new_session()
+        prompt = [int(t) for t in prompt_ids]
+        if not prompt:
+            raise ValueError("the prompt is empty: give at least one token")
+        self.model.check_fits(len(prompt))
+        if max_new_tokens <= 0:
+            result.finish_reason = "length"
+            return
+
+        start = time.perf_counter()
+        hidden_E, token = self._prefill(prompt, session)
+        result.prefill_s = time.perf_counter() - start
+        out = result.token_ids
+        chunk = [token]
+        while True:
+            chunk, reason = _truncate(chunk, out, max_new_tokens, eos)
+            out.extend(chunk)
+            result.total_s = time.perf_counter() - start
+            if chunk:
+                yield chunk
+            if reason is None and stop is not None and stop(out):
+                reason = "stop"
+            if reason is None and len(session) + 1 > self.model.max_context:
+                reason = "context"
+            if reason is not None:
+                break
+            hidden_E, token, chunk = self._step(hidden_E, token, session)
+            result.accepted_lengths.append(len(chunk))
+        # The cache may hold kept tokens past an EOS or the token budget: drop them.
+        self.model.keep(session, 0, None, min(len(session), len(prompt) + len(out) - 1))
+        del session.token_ids[len(prompt) + len(out) - 1 :]
+        result.finish_reason = reason
+        result.total_s = time.perf_counter() - start
+
+    # ---- steps ------------------------------------------------------------------------------
+
+    def _prefill(self, prompt: list[int], session: KVSession) -> tuple[torch.Tensor, int]:
+        """Feed what the session lacks of `prompt`; returns (hidden_E at the last token, root)."""
+        common = 0
+        limit = min(len(session), len(prompt) - 1)  # feed >= 1 token to get fresh logits
+        while common < limit and session.token_ids[common] == prompt[common]:
+            common += 1
+        self.model.keep(session, 0, None, common)
+        del session.token_ids[common:]
+        device = self.model.device
+        ids_T = torch.tensor(prompt[common:], dtype=torch.int64, device=device)
+        pos_T = torch.arange(common, len(prompt), device=device)
+        hidden_TE = self.model.forward(ids_T, pos_T, session)
+        session.token_ids.extend(prompt[common:])
+        hidden_E = hidden_TE[-1]
+        root = choose_token(self.model.logits(hidden_E), self.sampling, self.generator)
+        return hidden_E, int(root)
+
+    @torch.inference_mode()
+    def _step(
+        self, hidden_E: torch.Tensor, root: int, session: KVSession
+    ) -> tuple[torch.Tensor, int, list[int]]:
+        """One verification step; returns (hidden_E, next root, emitted tokens)."""
+        tree = self.tree
+        past = len(session)
+        if past + tree.max_depth + 1 > self.model.max_context:
+            tree = self.plain_tree  # near the end of the context, finish one token at a time
+        root_t = torch.tensor(root, device=self.model.device)
+        head_logits_KV = None
+        if tree.num_nodes > 1 and self.drafter is not None:
+            head_logits_KV = self.drafter(hidden_E, session.token_ids)
+        tree_tokens_N, candidates_PL = tree_candidates(root_t, head_logits_KV, tree)
+        hidden_NE = self.model.forward(
+            tree_tokens_N,
+            tree.depth_N + past,
+            session,
+            block_mask_TT=tree.mask_NN if tree.num_nodes > 1 else None,
+        )
+        logits_NV = self.model.logits(hidden_NE)
+        decision = accept(logits_NV, candidates_PL, tree.paths_PL, self.sampling, self.generator)
+        best, accepted, next_token = decision.tolist()  # the step's one host sync
+        path = tree.paths_PL[best, : accepted + 1]
+        kept = candidates_PL[best, : accepted + 1].tolist()
+        self.model.keep(session, past, path.tolist(), past + accepted + 1)
+        session.token_ids.extend(kept)
+        return hidden_NE[path[-1]], next_token, kept[1:] + [next_token]
+
+
+def _truncate(
+    chunk: list[int], out: list[int], max_new_tokens: int, eos: set[int]
+) -> tuple[list[int], str | None]:
+    """Cut `chunk` at the first EOS (kept) or at the token budget; give the finish reason."""
+    for i, token in enumerate(chunk):
+        if len(out) + i + 1 >= max_new_tokens:
+            return chunk[: i + 1], "eos" if token in eos else "length"
+        if token in eos:
+            return chunk[: i + 1], "eos"
+    return chunk, None

@@ -1,0 +1,99 @@
+"""Acceptance rules on hand-built logits, and typical acceptance -> greedy as T -> 0."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from medusa_engine.acceptance import accept_greedy, accept_typical, typical_threshold
+from medusa_engine.candidates import tree_candidates
+from medusa_engine.config import SamplingConfig
+from medusa_engine.tree import build_tree
+
+V = 8
+
+
+def logits_from_probs(*rows: list[float]) -> torch.Tensor:
+    probs = torch.tensor(rows, dtype=torch.float64)
+    return probs.clamp_min(1e-12).log().float()
+
+
+def test_greedy_keeps_the_longest_matching_prefix():
+    # Chain root -> a -> b; the base model's argmax at root is 3 and at node a is 5.
+    tree = build_tree([(0,), (0, 0)], num_heads=2)
+    logits_NV = torch.zeros(3, V)
+    logits_NV[0, 3] = logits_NV[1, 5] = logits_NV[2, 7] = 1.0
+    candidates = torch.tensor([[0, 3, 5]])
+    assert accept_greedy(logits_NV, candidates, tree.paths_PL).tolist() == [0, 2, 7]
+    candidates = torch.tensor([[0, 3, 6]])
+    assert accept_greedy(logits_NV, candidates, tree.paths_PL).tolist() == [0, 1, 5]
+    candidates = torch.tensor([[0, 4, 5]])  # a wrong first token stops even a matching second
+    assert accept_greedy(logits_NV, candidates, tree.paths_PL).tolist() == [0, 0, 3]
+
+
+def test_greedy_picks_the_matching_branch():
+    tree = build_tree([(0,), (1,), (1, 0)], num_heads=2)  # nodes: root, (0,), (1,), (1, 0)
+    logits_NV = torch.zeros(4, V)
+    logits_NV[0, 6] = logits_NV[2, 2] = logits_NV[3, 1] = 1.0
+    tokens_N = torch.tensor([0, 4, 6, 2])
+    candidates = torch.cat([tokens_N, torch.tensor([-1])])[tree.paths_PL]
+    best, accepted, nxt = accept_greedy(logits_NV, candidates, tree.paths_PL).tolist()
+    assert tree.paths_PL[best, : accepted + 1].tolist() == [0, 2, 3] and nxt == 1
+
+
+@pytest.mark.parametrize(
+    "probs, candidate_p, accepted",
+    [
+        # uniform over 4 tokens: H = ln 4, threshold = min(0.09, 0.3 / 4 = 0.075)
+        ([0.25, 0.25, 0.25, 0.25, 0, 0, 0, 0], 0.25, True),
+        # peaked: H ~ 0.17, 0.3 exp(-H) ~ 0.25, so threshold = epsilon = 0.09
+        ([0.97, 0.01, 0.01, 0.01, 0, 0, 0, 0], 0.97, True),
+        ([0.97, 0.01, 0.01, 0.01, 0, 0, 0, 0], 0.01, False),
+        # 0.08 is above 0.3 exp(-H) here (H ~ 1.96 -> 0.042) though below epsilon
+        ([0.3, 0.08, 0.08, 0.08, 0.08, 0.08, 0.15, 0.15], 0.08, True),
+    ],
+)
+def test_typical_threshold_rule(probs, candidate_p, accepted):
+    sampling = SamplingConfig(temperature=1.0)
+    tree = build_tree([(0,)], num_heads=1)
+    logits_NV = logits_from_probs(probs, [1 / V] * V)
+    p = torch.tensor(probs)
+    entropy = -(p[p > 0] * p[p > 0].log()).sum().item()
+    threshold = min(0.09, 0.3 * math.exp(-entropy))
+    assert typical_threshold(logits_NV, sampling)[0].item() == pytest.approx(threshold, rel=1e-4)
+    token = int(torch.nonzero(p == candidate_p)[0])
+    candidates = torch.tensor([[0, token]])
+    decision = accept_typical(logits_NV, candidates, tree.paths_PL, sampling)
+    assert decision[1].item() == int(accepted)
+    assert (candidate_p > threshold) == accepted
+
+
+def test_typical_prefers_the_likelier_of_equally_long_paths():
+    tree = build_tree([(0,), (1,)], num_heads=1)
+    logits_NV = logits_from_probs([0.1, 0.5, 0.4, 0, 0, 0, 0, 0], *[[1 / V] * V] * 2)
+    candidates = torch.tensor([[0, 2], [0, 1]])  # both pass the threshold; token 1 is likelier
+    best, accepted, _ = accept_typical(
+        logits_NV, candidates, tree.paths_PL, SamplingConfig(temperature=1.0)
+    ).tolist()
+    assert (best, accepted) == (1, 1)
+
+
+def test_typical_tends_to_greedy_as_temperature_goes_to_zero():
+    gen = torch.Generator().manual_seed(0)
+    tree = build_tree([(0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0)], num_heads=3)
+    for trial in range(200):
+        logits_NV = torch.randn(tree.num_nodes, 50, generator=gen) * 3
+        heads_KV = torch.randn(3, 50, generator=gen)
+        if trial % 2:  # make the heads agree with the base model's argmax somewhere
+            heads_KV[0, logits_NV[0].argmax()] = 10.0
+        root = logits_NV.new_tensor(0).long()
+        _, candidates_PL = tree_candidates(root, heads_KV, tree)
+        greedy = accept_greedy(logits_NV, candidates_PL, tree.paths_PL)
+        cold = SamplingConfig(temperature=1e-4)
+        typical = accept_typical(logits_NV, candidates_PL, tree.paths_PL, cold, gen)
+        assert greedy[1:].tolist() == typical[1:].tolist()
+        g_path = tree.paths_PL[greedy[0], : greedy[1] + 1]
+        t_path = tree.paths_PL[typical[0], : typical[1] + 1]
+        assert torch.equal(g_path, t_path)

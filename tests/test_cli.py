@@ -1,0 +1,89 @@
+"""The `medusa-engine` command: output formats and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from medusa_engine.cli import main
+from medusa_engine.config import HeadsConfig
+from medusa_engine.heads import MedusaHeads
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_generate_json_matches_greedy(capsys, stories260k, tmp_path):
+    heads = MedusaHeads(HeadsConfig(4, 1, 64, 512))
+    for p in heads.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    heads.save(tmp_path / "heads")
+    code, out, _ = run(capsys, "generate", "--model", "stories260k", "--heads", str(tmp_path / "heads"),
+                       "--prompt", "Once upon a time", "--max-new-tokens", "48", "--json")  # fmt: skip
+    assert code == 0
+    record = json.loads(out)
+    assert {"text", "token_ids", "new_tokens", "steps", "mean_accepted", "tokens_per_s"} <= set(
+        record
+    )
+    ids = stories260k.tokenizer("Once upon a time")["input_ids"]
+    ref = stories260k.model.generate(
+        torch.tensor([ids]), max_new_tokens=48, do_sample=False, pad_token_id=0
+    )
+    assert record["token_ids"] == ref[0, len(ids) :].tolist()
+    assert record["new_tokens"] == len(record["token_ids"])
+    assert record["text"].startswith(", there was")
+
+
+def test_generate_streams_text_and_a_summary(capsys):
+    code, out, err = run(capsys, "generate", "--model", "stories260k", "--prompt", "Once upon a time",
+                         "--max-new-tokens", "12", "--heads", "none")  # fmt: skip
+    assert code == 0 and out.startswith(", there was")
+    assert "12 new tokens, 11 steps, τ=1.00" in err
+
+
+def write_tree(tmp_path, content: str):
+    path = tmp_path / "tree.json"
+    path.write_text(content)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "no-such-model"], "unknown model 'no-such-model'"),
+        (["--model", "./missing-folder"], "no such model folder or file"),
+        (["--model", "missing.gguf"], "no such GGUF file"),
+        (["--model", "stories260k", "--heads", "/nonexistent/heads"], "heads folder not found"),
+        (["--model", "stories260k", "--tree", "bogus"], "unknown tree 'bogus'"),
+        (["--model", "stories260k", "--tree", "/nonexistent/tree.json"], "tree file not found"),
+        (["--model", "stories260k", "--max-new-tokens", "0"], "must be positive"),
+        (["--model", "stories260k", "--temperature", "-1"], "temperature must be >= 0"),
+        (
+            ["--model", "stories260k", "--prompt", "word " * 600],
+            "do not fit the model's context of 512",
+        ),
+    ],
+)
+def test_bad_input_is_one_line_and_nonzero(capsys, args, message):
+    argv = ["generate", "--prompt", "hi", *args] if "--prompt" not in args else ["generate", *args]
+    code, out, err = run(capsys, *argv)
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("medusa-engine: error: "), err
+    assert message in err
+
+
+def test_invalid_tree_file_and_mismatched_heads(capsys, tmp_path):
+    MedusaHeads(HeadsConfig(4, 1, 64, 512)).save(tmp_path / "small")
+    bad = write_tree(tmp_path, "[[0], [0, 0, 0]]")
+    code, _, err = run(capsys, "generate", "--model", "stories260k", "--prompt", "hi", "--tree", bad,
+                       "--heads", str(tmp_path / "small"))  # fmt: skip
+    assert code == 2 and "no parent" in err
+    MedusaHeads(HeadsConfig(2, 1, 576, 49152, base_model="smollm2")).save(tmp_path / "big")
+    code, _, err = run(capsys, "generate", "--model", "stories260k", "--prompt", "hi",
+                       "--heads", str(tmp_path / "big"))  # fmt: skip
+    assert code == 2 and "expect hidden size 576" in err and err.count("\n") == 1

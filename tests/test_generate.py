@@ -1,0 +1,163 @@
+"""The decode loop is lossless under greedy: it equals `model.generate(do_sample=False)`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytest
+import torch
+
+from medusa_engine.config import HeadsConfig
+from medusa_engine.generate import MedusaGenerator
+from medusa_engine.heads import MedusaHeads
+from medusa_engine.tree import tree_from_name
+
+MAX_NEW = 128
+
+
+class OracleDrafter:
+    """Proposes the reference continuation (or, adversarially, anything but it).
+
+    The session holds the prompt and every emitted token but the last (the current root), so
+    the heads must propose ref[done + 1 : done + 1 + K] with done = tokens emitted before it.
+    `truth_rank` puts the right token at that top-k rank of head 0 (exercises branch paths).
+    """
+
+    def __init__(self, ref: list[int], prompt_len: int, num_heads: int, vocab: int,
+                 adversarial: bool = False, truth_rank: int = 0) -> None:  # fmt: skip
+        self.ref, self.prompt_len, self.num_heads, self.vocab = ref, prompt_len, num_heads, vocab
+        self.adversarial, self.truth_rank = adversarial, truth_rank
+        self.gen = torch.Generator().manual_seed(0)
+
+    def __call__(self, hidden_E: torch.Tensor, token_ids: Sequence[int]) -> torch.Tensor:
+        done = len(token_ids) - self.prompt_len
+        logits_KV = torch.rand(self.num_heads, self.vocab, generator=self.gen)
+        for k in range(self.num_heads):
+            i = done + 1 + k
+            if i >= len(self.ref):
+                continue
+            truth = self.ref[i]
+            if self.adversarial:
+                logits_KV[k, truth] = float("-inf")
+            elif k == 0 and self.truth_rank > 0:
+                logits_KV[k, truth] = 2.0
+                top = torch.topk(logits_KV[k], self.truth_rank + 1).indices
+                logits_KV[k, top[: self.truth_rank]] = 3.0 + torch.arange(self.truth_rank).float()
+                logits_KV[k, truth] = 2.5
+            else:
+                logits_KV[k, truth] = 10.0
+        return logits_KV.to(hidden_E.dtype)
+
+
+@pytest.fixture(scope="module")
+def references(stories260k, prompt_ids) -> list[list[int]]:
+    refs = []
+    for ids in prompt_ids:
+        out = stories260k.model.generate(
+            torch.tensor([ids]), max_new_tokens=MAX_NEW, do_sample=False,
+            pad_token_id=0,
+        )  # fmt: skip
+        refs.append(out[0, len(ids) :].tolist())
+    assert sum(len(r) for r in refs) > 10 * MAX_NEW  # the references are long, not EOS at once
+    return refs
+
+
+def random_heads(model, num_heads: int = 4, seed: int = 0) -> MedusaHeads:
+    torch.manual_seed(seed)
+    heads = MedusaHeads(HeadsConfig(num_heads, 1, model.hidden_size, model.vocab_size))
+    for p in heads.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    return heads
+
+
+def test_plain_decoding_matches_hf_generate(stories260k, prompt_ids, references):
+    engine = MedusaGenerator(stories260k, None, "plain")
+    for ids, ref in zip(prompt_ids, references):
+        result = engine.generate(ids, MAX_NEW)
+        assert result.token_ids == ref
+        assert result.mean_accepted == 1.0
+
+
+@pytest.mark.parametrize("tree", ["cpu_16", "mc_sim_7b_63"])
+def test_random_heads_match_hf_generate(stories260k, prompt_ids, references, tree):
+    engine = MedusaGenerator(stories260k, random_heads(stories260k), tree)
+    for ids, ref in zip(prompt_ids, references):
+        assert engine.generate(ids, MAX_NEW).token_ids == ref
+
+
+@pytest.mark.parametrize("tree", ["cpu_16", "mc_sim_7b_63", "chain_4"])
+def test_oracle_heads_accept_full_depth(stories260k, prompt_ids, references, tree):
+    depth = tree_from_name(tree, 4).max_depth
+    for ids, ref in zip(prompt_ids, references):
+        drafter = OracleDrafter(ref, len(ids), 4, stories260k.vocab_size)
+        result = MedusaGenerator(stories260k, drafter, tree).generate(ids, MAX_NEW)
+        assert result.token_ids == ref
+        # Every step but the last (cut by the token budget or EOS) keeps depth + 1 tokens.
+        assert set(result.accepted_lengths[:-1]) == {depth + 1}, result.accepted_lengths
+
+
+def test_oracle_on_a_side_branch_is_accepted(stories260k, prompt_ids, references):
+    ids, ref = prompt_ids[0], references[0]
+    drafter = OracleDrafter(ref, len(ids), 4, stories260k.vocab_size, truth_rank=1)
+    result = MedusaGenerator(stories260k, drafter, "cpu_16").generate(ids, MAX_NEW)
+    assert result.token_ids == ref
+    assert result.mean_accepted > 2.0  # cpu_16 continues (1,) with (1,0) and (1,0,0)
+
+
+def test_adversarial_heads_accept_nothing(stories260k, prompt_ids, references):
+    for ids, ref in zip(prompt_ids, references):
+        drafter = OracleDrafter(ref, len(ids), 4, stories260k.vocab_size, adversarial=True)
+        result = MedusaGenerator(stories260k, drafter, "mc_sim_7b_63").generate(ids, MAX_NEW)
+        assert result.token_ids == ref
+        assert result.mean_accepted == 1.0
+
+
+def test_stream_yields_the_same_tokens(stories260k, prompt_ids, references):
+    engine = MedusaGenerator(stories260k, random_heads(stories260k, seed=3), "cpu_16")
+    chunks = list(engine.stream(prompt_ids[1], MAX_NEW))
+    assert [t for c in chunks for t in c] == references[1]
+    assert len(chunks[0]) == 1  # the prefill's token comes first, on its own
+
+
+def test_budget_eos_and_stop(stories260k, prompt_ids, references):
+    engine = MedusaGenerator(stories260k, random_heads(stories260k), "cpu_16")
+    ids, ref = prompt_ids[2], references[2]
+    short = engine.generate(ids, 7)
+    assert short.token_ids == ref[:7] and short.finish_reason == "length"
+    eos = ref[10]
+    cut = engine.generate(ids, MAX_NEW, eos_token_ids=[eos])
+    assert cut.token_ids == ref[: ref.index(eos) + 1] and cut.finish_reason == "eos"
+    stopped = engine.generate(ids, MAX_NEW, stop=lambda out: len(out) >= 5)
+    assert stopped.token_ids[:5] == ref[:5] and stopped.finish_reason == "stop"
+    assert len(stopped.token_ids) < MAX_NEW
+
+
+def test_session_reuse_prefills_only_the_new_part(stories260k, prompt_ids):
+    engine = MedusaGenerator(stories260k, random_heads(stories260k), "cpu_16")
+    session = stories260k.new_session()
+    first = engine.generate(prompt_ids[0], 20, session=session)
+    assert session.token_ids == prompt_ids[0] + first.token_ids[:-1]
+    follow = prompt_ids[0] + first.token_ids + prompt_ids[3][1:]
+    again = engine.generate(follow, 30, session=session)
+    fresh = engine.generate(follow, 30)
+    assert again.token_ids == fresh.token_ids
+
+
+def test_generation_stops_at_the_context_end(stories260k):
+    engine = MedusaGenerator(stories260k, random_heads(stories260k), "cpu_16")
+    prompt = [1] + [400] * (stories260k.max_context - 10)
+    result = engine.generate(prompt, 100)
+    assert result.finish_reason in ("context", "eos")
+    assert len(prompt) + len(result.token_ids) <= stories260k.max_context + 1
+
+
+def test_greedy_equivalence_on_a_second_family(tiny_qwen2):
+    ids = [5, 17, 3, 44, 9]
+    ref = tiny_qwen2.model.generate(
+        torch.tensor([ids]), max_new_tokens=40, do_sample=False, eos_token_id=None, pad_token_id=0,
+    )[0, len(ids) :].tolist()  # fmt: skip
+    engine = MedusaGenerator(tiny_qwen2, random_heads(tiny_qwen2), "mc_sim_7b_63")
+    assert engine.generate(ids, 40, eos_token_ids=[]).token_ids == ref
+    oracle = OracleDrafter(ref, len(ids), 4, tiny_qwen2.vocab_size)
+    result = MedusaGenerator(tiny_qwen2, oracle, "chain_4").generate(ids, 40, eos_token_ids=[])
+    assert result.token_ids == ref and result.mean_accepted > 4.0
