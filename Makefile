@@ -8,7 +8,7 @@ setup:
 	@scripts/setup.sh
 
 chat: setup
-	@.venv/bin/medusa-engine generate --prompt "$${PROMPT:-Explain speculative decoding in two sentences.}"
+	@.venv/bin/medusa-engine chat
 
 lint: setup
 	$(PY) -m ruff check .
