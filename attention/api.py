@@ -8,7 +8,19 @@ tokens over K keys whose last Q are those new tokens (bottom-right alignment, se
 Backends:
 
 * `reference`: float64 math, the specification (`reference.py`);
-* `sdpa`: PyTorch's `scaled_dot_product_attention` with a boolean mask.
+* `sdpa`: PyTorch's `scaled_dot_product_attention` with a boolean mask;
+* `flex`: FlexAttention with a block mask computed from the structure (`flex.py`);
+* `triton`: a split-KV (flash-decoding) kernel with the tree mask as bits (`triton_kernel.py`,
+  imported on first use so that the package works without triton).
+
+Static shapes: with `kv_len` (int tensor [] or [B], may live on the device), k and v are a
+preallocated buffer of S >= K slots of which the first kv_len are valid; the new tokens are the
+last Q valid keys and slots past kv_len are never attended (they must hold finite values).
+
+Per call this entry validates the block (one host sync) and derives the backend's mask form; a
+decode loop with a fixed tree can prepare them once and call `flex.attention_flex` (block mask
+from `flex.flex_block_mask`) or `triton_kernel.attention_triton` (bits from
+`masks.tree_bitmask_QW`) directly, as `eval/bench_attention.py` does.
 """
 
 from __future__ import annotations
@@ -18,12 +30,12 @@ from typing import Literal
 
 import torch
 
-from attention.masks import full_mask_QK
+from attention.masks import full_mask_QK, padded_mask_BQS, resolve_block_QQ, tree_bitmask_QW
 from attention.reference import attention_reference
 from attention.sdpa import attention_sdpa
 
-Backend = Literal["reference", "sdpa"]
-BACKENDS: tuple[str, ...] = ("reference", "sdpa")
+Backend = Literal["reference", "sdpa", "flex", "triton"]
+BACKENDS: tuple[str, ...] = ("reference", "sdpa", "flex", "triton")
 
 
 def _check_shapes(q_BHQD: torch.Tensor, k_BGKD: torch.Tensor, v_BGKD: torch.Tensor) -> None:
@@ -41,9 +53,21 @@ def _check_shapes(q_BHQD: torch.Tensor, k_BGKD: torch.Tensor, v_BGKD: torch.Tens
     if h % g != 0:
         raise ValueError(f"query heads ({h}) must be a multiple of key/value heads ({g})")
     if kv_len < q_len:
-        raise ValueError(f"fewer keys ({kv_len}) than queries ({q_len}): new tokens are the last keys")
+        raise ValueError(
+            f"fewer keys ({kv_len}) than queries ({q_len}): new tokens are the last keys"
+        )
     if not (q_BHQD.dtype == k_BGKD.dtype == v_BGKD.dtype):
         raise ValueError(f"q, k, v dtypes differ: {q_BHQD.dtype}, {k_BGKD.dtype}, {v_BGKD.dtype}")
+
+
+def _kv_len_B(kv_len: torch.Tensor, batch: int, max_len: int, device: torch.device) -> torch.Tensor:
+    if kv_len.dtype.is_floating_point or kv_len.ndim > 1 or kv_len.numel() not in (1, batch):
+        raise ValueError(
+            f"kv_len must be an int tensor [] or [{batch}], got {kv_len.dtype} {kv_len.shape}"
+        )
+    if kv_len.device.type == "cpu" and bool((kv_len > max_len).any()):
+        raise ValueError(f"kv_len {kv_len.tolist()} exceeds the {max_len} key slots of k and v")
+    return kv_len.to(device=device, dtype=torch.int32).reshape(-1).expand(batch).contiguous()
 
 
 def attention(
@@ -56,27 +80,57 @@ def attention(
     tree_mask_QQ: torch.Tensor | None = None,
     scale: float | None = None,
     return_lse: bool = False,
+    kv_len: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of Q new tokens over K keys; returns out_BHQD (and lse_BHQ in float32).
 
     `tree_mask_QQ` (bool, [i, j] = new token j is i or an ancestor of i) masks only the last Q x Q
     block; the cached prefix is visible to all queries. `causal=True` is the lower-triangular
-    block. `scale` defaults to 1/sqrt(D).
+    block. `scale` defaults to 1/sqrt(D). `kv_len` (int tensor [] or [B]) marks k and v as a
+    buffer whose first kv_len keys are valid (see the module docstring); the lse of `sdpa`
+    comes from same-dtype math, as SDPA does not expose it.
     """
     _check_shapes(q_BHQD, k_BGKD, v_BGKD)
     if backend not in BACKENDS:
-        raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        raise ValueError(
+            f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}"
+        )
     scale = 1.0 / math.sqrt(q_BHQD.shape[-1]) if scale is None else scale
-    mask_QK = full_mask_QK(
-        q_BHQD.shape[2], k_BGKD.shape[2], causal=causal, block_QQ=tree_mask_QQ,
-        device=q_BHQD.device,
-    )
-    if backend == "reference":
-        out, lse = attention_reference(q_BHQD, k_BGKD, v_BGKD, mask_QK, scale)
+    b, _, q_len, _ = q_BHQD.shape
+    n_slots = k_BGKD.shape[2]
+    block_QQ = resolve_block_QQ(q_len, causal=causal, block_QQ=tree_mask_QQ, device=q_BHQD.device)
+    kv_len_B = None if kv_len is None else _kv_len_B(kv_len, b, n_slots, q_BHQD.device)
+    if backend == "flex":
+        from attention.flex import attention_flex
+
+        out, lse_or_none = attention_flex(
+            q_BHQD, k_BGKD, v_BGKD, scale=scale, kv_len_B=kv_len_B, causal=causal,
+            tree_mask_QQ=None if causal else block_QQ, return_lse=return_lse,
+        )  # fmt: skip
+        if return_lse:
+            assert lse_or_none is not None
+            return out, lse_or_none
+        return out
+    if backend == "triton":
+        from attention.triton_kernel import attention_triton
+
+        bits_QW = None if causal or block_QQ is None else tree_bitmask_QW(block_QQ)
+        out, lse = attention_triton(
+            q_BHQD, k_BGKD, v_BGKD, scale=scale, kv_len_B=kv_len_B, causal=causal,
+            tree_bits_QW=bits_QW,
+        )  # fmt: skip
         return (out, lse) if return_lse else out
-    out = attention_sdpa(q_BHQD, k_BGKD, v_BGKD, mask_QK, scale)
+    mask: torch.Tensor | None
+    if kv_len_B is None:
+        mask = full_mask_QK(q_len, n_slots, block_QQ=block_QQ, device=q_BHQD.device)
+    else:
+        mask = padded_mask_BQS(q_len, n_slots, kv_len_B, block_QQ=block_QQ)[:, None]  # [B,1,Q,S]
+    if backend == "reference":
+        out, lse = attention_reference(q_BHQD, k_BGKD, v_BGKD, mask, scale)
+        return (out, lse) if return_lse else out
+    out = attention_sdpa(q_BHQD, k_BGKD, v_BGKD, mask, scale)
     if return_lse:
         # SDPA does not expose its log-sum-exp; tests get it from the same-dtype math.
-        _, lse = attention_reference(q_BHQD, k_BGKD, v_BGKD, mask_QK, scale, q_BHQD.dtype)
+        _, lse = attention_reference(q_BHQD, k_BGKD, v_BGKD, mask, scale, q_BHQD.dtype)
         return out, lse
     return out

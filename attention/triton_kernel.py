@@ -1,0 +1,270 @@
+"""Split-KV (flash-decoding) attention with a tree mask over a KV cache, in Triton.
+
+Shape legend: B batch, H query heads, G key/value heads, R = H // G query heads per kv head,
+Q queries (new tokens), S key slots in the buffer (row b's valid prefix is kv_len_B[b] <= S),
+D head dim, W = ceil(Q / 64) int64 words of mask bits per query, P kv splits,
+M = R * Q query rows of one kv head (the R heads that share a kv head are packed as rows, so
+each K/V tile is loaded once for all of them).
+
+Layout: `_split_kv_kernel` (one program per (query-row block, kv split, batch * kv head)) runs the
+online softmax of FlashAttention over its chunk of the cache and writes a partial (out, lse) in
+float32; `_combine_kernel` merges the P partials of each query row by log-sum-exp, as in
+flash-decoding (Dao et al., 2023). `_launch` holds the asserts; `attention_triton` is the public
+function. The specification is `attention.reference`; tests compare against it.
+
+Masking, with bottom-right alignment inside the valid prefix (tree_start = kv_len - Q):
+keys [0, tree_start) are visible to every query, keys [tree_start, kv_len) carry the causal or tree
+structure, keys at or past kv_len are invisible (never read: loads are masked). The tree mask comes
+as bits (`masks.tree_bitmask_QW`); they are only looked at in key blocks that reach the tree.
+
+The kv length is read from device memory (`kv_len_B`) and every program derives its own chunk from
+it, so the grid depends only on the buffer size S: a growing cache neither recompiles nor needs a
+host sync, and the launch can be captured in a CUDA graph.
+
+This module imports triton at import time; `attention.api` imports it only when the `triton`
+backend is asked for, so the package works without triton. On a CPU, kernels run under the
+interpreter (`TRITON_INTERPRET=1`, set before triton is imported).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+MASK_NONE, MASK_CAUSAL, MASK_TREE = 0, 1, 2
+
+
+@triton.jit
+def _split_kv_kernel(
+    q_ptr, k_ptr, v_ptr, kv_len_ptr, bits_ptr, out_p_ptr, lse_p_ptr,
+    stride_qb, stride_qh, stride_qq,
+    stride_kb, stride_kg, stride_ks,
+    stride_vb, stride_vg, stride_vs,
+    stride_bits_q,
+    n_kv_heads, heads_per_group, q_len, head_dim, num_splits, scale_log2,
+    MASK_MODE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    pid_p = tl.program_id(1)
+    pid_bg = tl.program_id(2)
+    b = pid_bg // n_kv_heads
+    g = pid_bg % n_kv_heads
+
+    rows_M = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok_M = rows_M < heads_per_group * q_len
+    head_M = g * heads_per_group + rows_M // q_len
+    qi_M = rows_M % q_len
+    offs_D = tl.arange(0, BLOCK_D)
+    d_ok_D = offs_D < head_dim
+
+    q_ptrs = q_ptr + b * stride_qb + head_M[:, None] * stride_qh + qi_M[:, None] * stride_qq
+    q_MD = tl.load(q_ptrs + offs_D[None, :], mask=row_ok_M[:, None] & d_ok_D[None, :], other=0.0)
+    if UPCAST_DOT:
+        q_MD = q_MD.to(tl.float32)
+
+    kv_len = tl.load(kv_len_ptr + b)
+    tree_start = kv_len - q_len
+    kv_end = kv_len
+    if MASK_MODE == 1:
+        # Causal: no query of this block sees past its last query's position.
+        kv_end = tl.minimum(kv_len, tree_start + tl.max(tl.where(row_ok_M, qi_M, 0), axis=0) + 1)
+    n_blocks = tl.cdiv(kv_end, BLOCK_N)
+    per_split = tl.cdiv(n_blocks, num_splits)
+    blk_lo = pid_p * per_split
+    blk_hi = tl.minimum(blk_lo + per_split, n_blocks)
+
+    m_M = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max, log2 domain
+    l_M = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp2(s - m)
+    acc_MD = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    k_base = k_ptr + b * stride_kb + g * stride_kg
+    v_base = v_ptr + b * stride_vb + g * stride_vg
+    for blk in range(blk_lo, blk_hi):
+        offs_N = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok_N = offs_N < kv_len
+        kv_mask = n_ok_N[:, None] & d_ok_D[None, :]
+        k_ND = tl.load(
+            k_base + offs_N[:, None] * stride_ks + offs_D[None, :], mask=kv_mask, other=0.0
+        )
+        if UPCAST_DOT:
+            k_ND = k_ND.to(tl.float32)
+        s_MN = tl.dot(q_MD, tl.trans(k_ND), input_precision=DOT_PRECISION) * scale_log2
+        visible_MN = row_ok_M[:, None] & n_ok_N[None, :]
+        if MASK_MODE == 1:
+            visible_MN = visible_MN & (offs_N[None, :] <= (tree_start + qi_M)[:, None])
+        if MASK_MODE == 2:  # noqa: SIM102 (constexpr branch first, runtime test inside)
+            if blk * BLOCK_N + BLOCK_N > tree_start:
+                rel_MN = offs_N[None, :] - tree_start + tl.zeros([BLOCK_M, 1], tl.int32)
+                in_tree_MN = rel_MN >= 0
+                word_ptrs = bits_ptr + qi_M[:, None] * stride_bits_q + (rel_MN >> 6)
+                words_MN = tl.load(word_ptrs, mask=in_tree_MN & visible_MN, other=0)
+                bit_MN = ((words_MN >> (rel_MN & 63).to(tl.int64)) & 1) != 0
+                visible_MN = visible_MN & (~in_tree_MN | bit_MN)
+        s_MN = tl.where(visible_MN, s_MN, float("-inf"))
+        m_new_M = tl.maximum(m_M, tl.max(s_MN, axis=1))
+        # A row that has seen no visible key yet keeps m = -inf; shift by 0 to avoid inf - inf.
+        m_safe_M = tl.where(m_new_M == float("-inf"), 0.0, m_new_M)
+        alpha_M = tl.exp2(m_M - m_safe_M)
+        p_MN = tl.exp2(s_MN - m_safe_M[:, None])
+        l_M = l_M * alpha_M + tl.sum(p_MN, axis=1)
+        v_ND = tl.load(
+            v_base + offs_N[:, None] * stride_vs + offs_D[None, :], mask=kv_mask, other=0.0
+        )
+        p_lo_MN = p_MN.to(v_ptr.dtype.element_ty)  # rounded like the MMA operand on a GPU
+        if UPCAST_DOT:
+            v_ND = v_ND.to(tl.float32)
+            p_lo_MN = p_lo_MN.to(tl.float32)
+        acc_MD = acc_MD * alpha_M[:, None] + tl.dot(p_lo_MN, v_ND, input_precision=DOT_PRECISION)
+        m_M = m_new_M
+
+    seen_M = l_M > 0.0
+    out_MD = acc_MD / tl.where(seen_M, l_M, 1.0)[:, None]
+    # Natural-log lse: (m + log2 l) is in log2 units.
+    lse_M = tl.where(
+        seen_M, (m_M + tl.log2(tl.where(seen_M, l_M, 1.0))) * 0.6931471805599453, float("-inf")
+    )
+    # out_p is contiguous [B, H, Q, P, D], lse_p [B, H, Q, P].
+    row_flat_M = (b * n_kv_heads * heads_per_group + head_M) * q_len + qi_M
+    o_ptrs = out_p_ptr + (row_flat_M[:, None] * num_splits + pid_p) * head_dim + offs_D[None, :]
+    tl.store(o_ptrs, out_MD, mask=row_ok_M[:, None] & d_ok_D[None, :])
+    tl.store(lse_p_ptr + row_flat_M * num_splits + pid_p, lse_M, mask=row_ok_M)
+
+
+@triton.jit
+def _combine_kernel(
+    out_p_ptr, lse_p_ptr, out_ptr, lse_ptr, num_splits, head_dim,
+    BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0)  # flat (b, h, q) index; all four buffers are contiguous
+    offs_P = tl.arange(0, BLOCK_P)
+    offs_D = tl.arange(0, BLOCK_D)
+    p_ok_P = offs_P < num_splits
+    lse_P = tl.load(lse_p_ptr + row * num_splits + offs_P, mask=p_ok_P, other=float("-inf"))
+    m = tl.max(lse_P, axis=0)
+    w_P = tl.exp(lse_P - m)  # every row sees its own key, so m is finite
+    denom = tl.sum(w_P, axis=0)
+    mask_PD = p_ok_P[:, None] & (offs_D < head_dim)[None, :]
+    o_ptrs = out_p_ptr + (row * num_splits + offs_P[:, None]) * head_dim + offs_D[None, :]
+    o_PD = tl.load(o_ptrs, mask=mask_PD, other=0.0)
+    out_D = tl.sum(w_P[:, None] * o_PD, axis=0) / denom
+    tl.store(
+        out_ptr + row * head_dim + offs_D,
+        out_D.to(out_ptr.dtype.element_ty),
+        mask=offs_D < head_dim,
+    )
+    tl.store(lse_ptr + row, m + tl.log(denom))
+
+
+def default_num_splits(n_programs: int, n_kv_blocks: int, device: torch.device) -> int:
+    """Enough kv splits that the grid covers the GPU about twice; 1 for a busy grid."""
+    n_sm = (
+        torch.cuda.get_device_properties(device).multi_processor_count
+        if device.type == "cuda"
+        else 4
+    )
+    return max(1, min(n_kv_blocks, math.ceil(2 * n_sm / n_programs)))
+
+
+def _launch(
+    q_BHQD: torch.Tensor,
+    k_BGSD: torch.Tensor,
+    v_BGSD: torch.Tensor,
+    kv_len_B: torch.Tensor,
+    bits_QW: torch.Tensor | None,
+    mask_mode: int,
+    scale: float,
+    num_splits: int | None,
+    block_m: int | None,
+    block_n: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    b, h, q_len, d = q_BHQD.shape
+    _, g, s_max, _ = k_BGSD.shape
+    assert q_BHQD.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1", (
+        "the triton backend needs CUDA tensors (or TRITON_INTERPRET=1 set before importing triton)"
+    )
+    assert q_BHQD.dtype in (torch.float16, torch.bfloat16, torch.float32), q_BHQD.dtype
+    assert k_BGSD.shape == v_BGSD.shape == (b, g, s_max, d), (k_BGSD.shape, v_BGSD.shape)
+    assert h % g == 0, f"H={h} must be a multiple of G={g}"
+    assert q_BHQD.stride(-1) == k_BGSD.stride(-1) == v_BGSD.stride(-1) == 1, (
+        "head dim must be contiguous"
+    )
+    assert d <= 256, f"head dim {d} > 256 is not supported"
+    assert kv_len_B.shape == (b,) and kv_len_B.dtype == torch.int32, (
+        kv_len_B.shape,
+        kv_len_B.dtype,
+    )
+    assert mask_mode in (MASK_NONE, MASK_CAUSAL, MASK_TREE), mask_mode
+    if mask_mode == MASK_TREE:
+        assert bits_QW is not None and bits_QW.dtype == torch.int64, "tree mode needs int64 bits"
+        assert bits_QW.shape == (q_len, (q_len + 63) // 64) and bits_QW.is_contiguous(), (
+            bits_QW.shape
+        )
+    bits = bits_QW if bits_QW is not None else kv_len_B  # any pointer; never read without a tree
+    rows = (h // g) * q_len
+    block_m = block_m or max(16, min(128 if rows >= 1024 else 64, triton.next_power_of_2(rows)))
+    block_d = max(16, triton.next_power_of_2(d))
+    n_m = triton.cdiv(rows, block_m)
+    if num_splits is None:
+        num_splits = default_num_splits(n_m * b * g, triton.cdiv(s_max, block_n), q_BHQD.device)
+    out_p = torch.empty(b, h, q_len, num_splits, d, device=q_BHQD.device, dtype=torch.float32)
+    lse_p = torch.empty(b, h, q_len, num_splits, device=q_BHQD.device, dtype=torch.float32)
+    # The interpreter multiplies the raw bits of bfloat16 dot operands (triton-lang/triton#11584,
+    # "not supported yet"), so under it bf16 tiles are widened to float32 after loading.
+    upcast = os.environ.get("TRITON_INTERPRET") == "1" and q_BHQD.dtype == torch.bfloat16
+    precision = "ieee" if q_BHQD.dtype == torch.float32 or upcast else "tf32"
+    _split_kv_kernel[(n_m, num_splits, b * g)](
+        q_BHQD, k_BGSD, v_BGSD, kv_len_B, bits, out_p, lse_p,
+        q_BHQD.stride(0), q_BHQD.stride(1), q_BHQD.stride(2),
+        k_BGSD.stride(0), k_BGSD.stride(1), k_BGSD.stride(2),
+        v_BGSD.stride(0), v_BGSD.stride(1), v_BGSD.stride(2),
+        bits.stride(0),
+        g, h // g, q_len, d, num_splits, scale * math.log2(math.e),
+        MASK_MODE=mask_mode, DOT_PRECISION=precision, UPCAST_DOT=upcast,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        num_warps=8 if block_m >= 128 else 4,
+    )  # fmt: skip
+    out_BHQD = torch.empty(b, h, q_len, d, device=q_BHQD.device, dtype=q_BHQD.dtype)
+    lse_BHQ = torch.empty(b, h, q_len, device=q_BHQD.device, dtype=torch.float32)
+    _combine_kernel[(b * h * q_len,)](
+        out_p, lse_p, out_BHQD, lse_BHQ, num_splits, d,
+        BLOCK_P=max(2, triton.next_power_of_2(num_splits)), BLOCK_D=block_d,
+    )  # fmt: skip
+    return out_BHQD, lse_BHQ
+
+
+def attention_triton(
+    q_BHQD: torch.Tensor,
+    k_BGSD: torch.Tensor,
+    v_BGSD: torch.Tensor,
+    *,
+    scale: float,
+    kv_len_B: torch.Tensor | None = None,
+    causal: bool = False,
+    tree_bits_QW: torch.Tensor | None = None,
+    num_splits: int | None = None,
+    block_m: int | None = None,
+    block_n: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split-KV attention of Q new tokens over a key buffer; returns (out_BHQD, lse_BHQ float32).
+
+    `k_BGSD`/`v_BGSD` may be a preallocated cache: row b's valid keys are the first kv_len_B[b]
+    (int32 [B], on q's device; default S for every row), of which the last Q are the new tokens.
+    `tree_bits_QW` (from `masks.tree_bitmask_QW`) masks the last Q x Q block; `causal=True` is the
+    lower-triangular block; neither means every query sees every valid key. Nothing is mutated.
+    `num_splits` defaults to enough kv splits to fill the GPU (`default_num_splits`).
+    """
+    if causal and tree_bits_QW is not None:
+        raise ValueError("give either causal=True or tree bits, not both")
+    if kv_len_B is None:
+        kv_len_B = torch.full(
+            (q_BHQD.shape[0],), k_BGSD.shape[2], dtype=torch.int32, device=q_BHQD.device
+        )
+    mode = MASK_TREE if tree_bits_QW is not None else MASK_CAUSAL if causal else MASK_NONE
+    return _launch(
+        q_BHQD, k_BGSD, v_BGSD, kv_len_B.to(torch.int32), tree_bits_QW, mode, scale,
+        num_splits, block_m, block_n,
+    )  # fmt: skip

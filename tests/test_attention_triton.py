@@ -1,0 +1,126 @@
+"""The split-KV Triton kernel against the float64 reference, at tiny shapes.
+
+Shape legend: B batch, H query heads, G kv heads, Q queries, K keys, S buffer slots, D head dim.
+
+Without CUDA the kernels run under Triton's interpreter, which reads TRITON_INTERPRET when triton
+is imported. Other tests import triton earlier (a FlexAttention call does), so without CUDA this
+module re-runs itself in a fresh pytest process with TRITON_INTERPRET=1 (no conftest: it needs
+no model fixtures) and only reports that process's result.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+RUN_HERE = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+if not RUN_HERE:
+
+    def test_triton_kernel_under_the_interpreter():
+        pytest.importorskip("triton")
+        env = {**os.environ, "TRITON_INTERPRET": "1"}
+        cmd = [sys.executable, "-m", "pytest", __file__, "-q", "-o", "addopts=--strict-markers"]
+        cmd += ["--noconftest", "-p", "no:cacheprovider"]
+        result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
+        assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+        assert " passed" in summary and "skipped" not in summary, summary
+
+else:
+    pytest.importorskip("triton")
+    from attention.api import attention
+    from attention.masks import full_mask_QK, tree_bitmask_QW
+    from attention.triton_kernel import attention_triton
+    from tests.test_attention import (
+        assert_matches_reference,
+        block_of,
+        random_qkv,
+        random_tree_mask,
+        seed_of,
+        structure,
+    )
+
+    SHAPES = [  # B, H, G, Q, K, D
+        (2, 4, 2, 7, 37, 16),  # GQA, odd lengths
+        (1, 2, 1, 1, 70, 8),  # one query, head dim below the MMA minimum (padded to 16)
+        (1, 2, 2, 70, 150, 16),  # Q > 64: two words of mask bits per query
+        (1, 2, 1, 33, 33, 16),  # prefill: no cached prefix, Q == K
+    ]
+
+    @pytest.mark.parametrize("kind", ["none", "causal", "tree"])
+    @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}H{}G{}Q{}K{}D{}".format(*s))
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+    def test_triton_matches_reference(kind, shape, dtype):
+        b, h, g, q_len, kv_len, d = shape
+        gen = torch.Generator().manual_seed(seed_of(kind, shape))
+        q, k, v = random_qkv(b, h, g, q_len, kv_len, d, dtype, gen)
+        kwargs = structure(kind, q_len, gen)
+        out, lse = attention(
+            q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), backend="triton", return_lse=True, **kwargs
+        )
+        mask = full_mask_QK(q_len, kv_len, block_QQ=block_of(q_len, kwargs))
+        assert out.dtype == dtype and lse.dtype == torch.float32
+        assert_matches_reference(
+            out.cpu(), lse.cpu(), q, k, v, mask, 1 / math.sqrt(d), f"triton {kind} {dtype}"
+        )
+
+    @pytest.mark.parametrize("num_splits", [1, 2, 5, 9])
+    @pytest.mark.parametrize("kind", ["causal", "tree"])
+    def test_split_counts_and_empty_splits_combine_exactly(num_splits, kind):
+        # K=37 in blocks of 16 is 3 blocks: 5 and 9 splits leave splits with no key at all, and
+        # the tree (Q=7) straddles a block boundary, so some splits see part of a row's keys.
+        gen = torch.Generator().manual_seed(num_splits)
+        q, k, v = random_qkv(1, 4, 2, 7, 37, 16, torch.float32, gen)
+        block = block_of(7, structure(kind, 7, gen))
+        out, lse = attention_triton(
+            q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), scale=0.25, causal=kind == "causal",
+            tree_bits_QW=None if kind == "causal" else tree_bitmask_QW(block).to(DEVICE),
+            num_splits=num_splits, block_n=16,
+        )  # fmt: skip
+        mask = full_mask_QK(7, 37, block_QQ=block)
+        assert_matches_reference(out.cpu(), lse.cpu(), q, k, v, mask, 0.25, f"{num_splits} splits")
+
+    @pytest.mark.parametrize("d", [64, 128])
+    def test_real_head_dims(d):
+        gen = torch.Generator().manual_seed(d)
+        q, k, v = random_qkv(1, 2, 1, 5, 40, d, torch.bfloat16, gen)
+        tree = random_tree_mask(5, gen)
+        out, lse = attention(
+            q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), backend="triton", return_lse=True,
+            tree_mask_QQ=tree.to(DEVICE),
+        )  # fmt: skip
+        mask = full_mask_QK(5, 40, block_QQ=tree)
+        assert_matches_reference(out.cpu(), lse.cpu(), q, k, v, mask, d**-0.5, f"D={d}")
+
+    def test_padded_cache_reads_only_the_valid_prefix_of_each_row():
+        gen = torch.Generator().manual_seed(3)
+        q, k, v = random_qkv(2, 4, 2, 6, 64, 16, torch.float32, gen)
+        kv_len = torch.tensor([41, 9])
+        for i, n in enumerate(kv_len.tolist()):
+            k[i, :, n:] = 1e4  # would dominate the softmax if it were read
+            v[i, :, n:] = 1e4
+        tree = random_tree_mask(6, gen)
+        out, lse = attention(
+            q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), backend="triton", return_lse=True,
+            tree_mask_QQ=tree.to(DEVICE), kv_len=kv_len.to(DEVICE),
+        )  # fmt: skip
+        for i, n in enumerate(kv_len.tolist()):
+            sl = slice(i, i + 1)
+            mask = full_mask_QK(6, n, block_QQ=tree)
+            assert_matches_reference(
+                out[sl].cpu(), lse[sl].cpu(), q[sl], k[sl, :, :n], v[sl, :, :n], mask, 0.25,
+                f"row {i}, kv_len {n}",
+            )  # fmt: skip
+
+    def test_tree_and_causal_together_are_rejected():
+        q = torch.randn(1, 1, 2, 16, device=DEVICE)
+        bits = tree_bitmask_QW(torch.ones(2, 2, dtype=torch.bool)).to(DEVICE)
+        with pytest.raises(ValueError, match="not both"):
+            attention_triton(q, q, q, scale=1.0, causal=True, tree_bits_QW=bits)
