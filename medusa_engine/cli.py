@@ -44,7 +44,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         default="auto",
         help="heads folder; 'auto' = the model's bundled heads, 'none' = plain decoding",
     )
-    p.add_argument("--tree", default=DEFAULT_TREE, help="tree preset name or a JSON file of paths")
+    p.add_argument(
+        "--tree",
+        default=DEFAULT_TREE,
+        help="tree preset name, a JSON file of paths, or 'auto' (tuned for this machine)",
+    )
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     p.add_argument("--device", default="cpu")
     p.add_argument(
@@ -77,10 +81,43 @@ def load_engine(args: argparse.Namespace):
     else:
         heads_dir = Path(args.heads)
     heads = MedusaHeads.load(heads_dir) if heads_dir is not None else None
-    tree = _tree_arg(args.tree)
+    tree = "plain" if args.tree == "auto" else _tree_arg(args.tree)
     quiet_transformers()
     model = HFModel.load(source, dtype=args.dtype, device=args.device)
-    return MedusaGenerator(model, heads, tree, sampling)
+    engine = MedusaGenerator(model, heads, tree, sampling)
+    if args.tree == "auto" and heads is not None:
+        from medusa_engine.tune import auto_tree
+
+        engine.set_tree(auto_tree(engine, heads_dir, _progress).paths)
+    return engine
+
+
+def _progress(message: str) -> None:
+    print(f"medusa-engine: {message}", file=sys.stderr, flush=True)
+
+
+def cmd_tune_tree(args: argparse.Namespace) -> int:
+    from medusa_engine.tree import tree_from_name
+    from medusa_engine.trees import TREE_PRESETS
+    from medusa_engine.tune import score_tree, tune
+
+    args.tree = "plain"
+    engine = load_engine(args)
+    if engine.drafter is None:
+        raise CLIError("tune-tree needs heads: pass --heads DIR (or a model with bundled heads)")
+    tuned, value = tune(engine, progress=_progress, new_tokens=args.calibration_tokens)
+    print(f"{'tree':<16}{'nodes':>6}{'pred. tau':>10}{'step ms':>9}{'tau/ms':>9}")
+    rows = {"auto": (len(tuned.paths) + 1, tuned.predicted_tau, tuned.step_ms)}
+    for name in TREE_PRESETS:
+        tree = tree_from_name(name, engine.drafter.num_heads)
+        paths = [p for p in TREE_PRESETS[name] if len(p) <= tree.num_heads]
+        rows[name] = (len(paths) + 1, *score_tree(paths, value, tuned.latency_ms))
+    for name, (nodes, tau, ms) in rows.items():
+        print(f"{name:<16}{nodes:>6}{tau:>10.3f}{ms:>9.2f}{tau / ms:>9.4f}")
+    if args.out:
+        tuned.save(Path(args.out))
+        _progress(f"wrote {args.out} (use it with --tree {args.out})")
+    return 0
 
 
 def _tree_arg(value: str):
@@ -174,6 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--raw", action="store_true", help="do not apply the chat template")
     gen.add_argument("--json", action="store_true", help="print one JSON object")
     gen.set_defaults(func=cmd_generate)
+    tune_p = sub.add_parser("tune-tree", help="choose the tree for this machine, model and heads")
+    add_model_args(tune_p)
+    tune_p.add_argument("--out", default=None, help="write the tuned tree (JSON) here")
+    tune_p.add_argument("--calibration-tokens", type=int, default=64)
+    tune_p.set_defaults(func=cmd_tune_tree)
     chat = sub.add_parser("chat", help="multi-turn chat (the default model with its heads)")
     add_model_args(chat)
     chat.set_defaults(func=_lazy("medusa_engine.chat", "run"))

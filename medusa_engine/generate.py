@@ -101,19 +101,23 @@ class MedusaGenerator:
         self.drafter: Drafter | None = (
             HeadsDrafter(heads, model) if isinstance(heads, MedusaHeads) else heads
         )
-        num_heads = self.drafter.num_heads if self.drafter is not None else 0
-        if isinstance(tree, str):
-            tree = tree_from_name(tree, num_heads)
-        elif not isinstance(tree, TreeBuffers):
-            tree = build_tree(tree, num_heads)
-        if tree.num_heads > num_heads:
-            raise ValueError(f"tree is {tree.num_heads} deep but the drafter has {num_heads} heads")
-        self.tree = tree.to(model.device)
+        self.set_tree(tree)
         self.plain_tree = build_tree([], 0).to(model.device)
         self.sampling = sampling or SamplingConfig()
         self.generator = torch.Generator(device=model.device)
         if self.sampling.seed is not None:
             self.generator.manual_seed(self.sampling.seed)
+
+    def set_tree(self, tree: TreeBuffers | str | Sequence[Sequence[int]]) -> None:
+        """Use a preset name, a list of paths or built buffers from the next request on."""
+        num_heads = self.drafter.num_heads if self.drafter is not None else 0
+        if isinstance(tree, str):
+            tree = tree_from_name(tree, num_heads)
+        elif not isinstance(tree, TreeBuffers):
+            tree = build_tree([tuple(p) for p in tree], num_heads)
+        if tree.num_heads > num_heads:
+            raise ValueError(f"tree is {tree.num_heads} deep but the drafter has {num_heads} heads")
+        self.tree = tree.to(self.model.device)
 
     # ---- public API -------------------------------------------------------------------------
 

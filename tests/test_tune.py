@@ -1,0 +1,95 @@
+"""Tree tuning: joint acceptance values, best-first optimality, and the cached `--tree auto`."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from medusa_engine import tune
+from medusa_engine.config import HeadsConfig
+from medusa_engine.generate import MedusaGenerator
+from medusa_engine.heads import MedusaHeads
+from medusa_engine.tree import build_tree
+from medusa_engine.trees import TREE_PRESETS
+
+
+def test_node_values_are_joint_rank_prefix_frequencies():
+    rank_TK = torch.tensor([[0, 0], [0, 1], [1, 0], [0, 0], [3, 3]])  # top_k = 3: 3 = absent
+    value = tune.node_values(rank_TK, top_k=3)
+    assert value((0,)) == pytest.approx(3 / 5)
+    assert value((0, 0)) == pytest.approx(2 / 5)
+    assert value((1, 0)) == pytest.approx(1 / 5)
+    assert value((2,)) == 0.0 and value((3,)) == 0.0  # never seen / beyond the observed top-k
+
+
+def test_best_first_prefixes_are_the_best_trees_of_each_size():
+    gen = torch.Generator().manual_seed(0)
+    # Heads that are right more often at shallow depth and low rank, with noise.
+    probs = torch.softmax(torch.randn(3, 4, generator=gen) - torch.arange(4.0), dim=-1)
+    rank_TK = torch.stack(
+        [torch.multinomial(p, 400, replacement=True, generator=gen) for p in probs], 1
+    )
+    value = tune.node_values(rank_TK, top_k=4)
+    ranked = tune.best_first(value, num_heads=3, top_k=4, max_nodes=30)
+    values = [v for _, v in ranked]
+    assert values == sorted(values, reverse=True)
+    for n in range(1, len(ranked) + 1):
+        paths = [p for p, _ in ranked[:n]]
+        build_tree(paths, num_heads=3, top_k=4)  # every prefix is a valid tree
+    # No other tree of the same size has a larger expected tau: check against all presets' sizes.
+    latency = {1: 10.0, 8: 11.0, 16: 12.0, 32: 15.0}
+    for name, preset in TREE_PRESETS.items():
+        paths = [p for p in preset if len(p) <= 3 and max(p) < 4]
+        if not paths or len(paths) >= len(ranked):
+            continue
+        best_tau = 1 + sum(values[: len(paths)])
+        assert tune.score_tree(paths, value, latency)[0] <= best_tau + 1e-12, name
+
+
+def test_interpolation_is_linear_between_measured_sizes():
+    latency = {1: 10.0, 5: 14.0, 9: 30.0}
+    assert tune.interpolate(latency, 3) == pytest.approx(12.0)
+    assert tune.interpolate(latency, 7) == pytest.approx(22.0)
+    assert tune.interpolate(latency, 18) == pytest.approx(60.0)
+
+
+@pytest.fixture(scope="module")
+def engine(stories260k):
+    torch.manual_seed(0)
+    heads = MedusaHeads(HeadsConfig(4, 1, 64, 512))
+    for p in heads.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    return MedusaGenerator(stories260k, heads, "plain")
+
+
+def test_tuned_tree_beats_every_preset_on_the_same_measurements(engine):
+    prompts = tune.calibration_prompts(engine.model.tokenizer, limit=None)[:6]
+    tuned, value = tune.tune(engine, prompts=prompts, new_tokens=24, sizes=(1, 4, 16, 64))
+    tree = build_tree([tuple(p) for p in tuned.paths], num_heads=4)
+    assert tree.num_nodes == len(tuned.paths) + 1
+    assert list(tuned.latency_ms) == [1, 4, 16, 64]
+    assert all(
+        a <= b for a, b in zip(tuned.latency_ms.values(), list(tuned.latency_ms.values())[1:])
+    )
+    ratio = tuned.predicted_tau / tuned.step_ms
+    for name, preset in TREE_PRESETS.items():
+        tau, ms = tune.score_tree([p for p in preset if len(p) <= 4], value, tuned.latency_ms)
+        assert ratio >= tau / ms - 1e-12, (name, ratio, tau / ms)
+
+
+def test_auto_tree_is_cached(engine, tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDUSA_ENGINE_CACHE", str(tmp_path))
+    calls = []
+
+    def fake_tune(eng, progress=None, **kw):
+        calls.append(1)
+        fixed = tune.TunedTree([[0], [0, 0]], 1.5, 2.0, {1: 1.0, 4: 2.0}, 10)
+        return fixed, lambda path: 0.0
+
+    monkeypatch.setattr(tune, "tune", fake_tune)
+    messages: list[str] = []
+    first = tune.auto_tree(engine, None, messages.append)
+    second = tune.auto_tree(engine, None, messages.append)
+    assert calls == [1] and first.paths == second.paths == [[0], [0, 0]]
+    assert len(messages) == 1 and "tuning the tree" in messages[0]
+    assert len(list((tmp_path / "trees").glob("*.json"))) == 1
