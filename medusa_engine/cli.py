@@ -13,8 +13,11 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from attention.api import BACKENDS
 from medusa_engine.models import DEFAULT_MODEL, ModelNotFoundError
 from medusa_engine.trees import DEFAULT_TREE
+
+ATTENTION_CHOICES = ("hf", *BACKENDS)  # as hf_adapter.ATTENTION_CHOICES, without transformers
 
 EXIT_USAGE = 2
 
@@ -50,6 +53,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         help="tree preset name, a JSON file of paths, or 'auto' (tuned for this machine)",
     )
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    p.add_argument(
+        "--attention",
+        default="hf",
+        choices=list(ATTENTION_CHOICES),
+        help="'hf': the model's own attention + DynamicCache; else our backend + static cache",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument(
         "--temperature",
@@ -83,7 +92,7 @@ def load_engine(args: argparse.Namespace):
     heads = MedusaHeads.load(heads_dir) if heads_dir is not None else None
     tree = "plain" if args.tree == "auto" else _tree_arg(args.tree)
     quiet_transformers()
-    model = HFModel.load(source, dtype=args.dtype, device=args.device)
+    model = HFModel.load(source, dtype=args.dtype, device=args.device, attention=args.attention)
     engine = MedusaGenerator(model, heads, tree, sampling)
     if args.tree == "auto" and heads is not None:
         from medusa_engine.tune import auto_tree
@@ -201,6 +210,12 @@ def _lazy(module: str, name: str) -> Callable[[argparse.Namespace], int]:
     return call
 
 
+def _add_lazy_arguments(parser: argparse.ArgumentParser, module: str) -> None:
+    import importlib
+
+    importlib.import_module(module).add_arguments(parser)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medusa-engine", description=__doc__.split("\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -216,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     tune_p.add_argument("--out", default=None, help="write the tuned tree (JSON) here")
     tune_p.add_argument("--calibration-tokens", type=int, default=64)
     tune_p.set_defaults(func=cmd_tune_tree)
+    bench = sub.add_parser("bench", help="throughput and acceptance benchmark against baselines")
+    _add_lazy_arguments(bench, "eval.harness")
+    bench.set_defaults(func=_lazy("eval.harness", "run"))
     chat = sub.add_parser("chat", help="multi-turn chat (the default model with its heads)")
     add_model_args(chat)
     chat.set_defaults(func=_lazy("medusa_engine.chat", "run"))

@@ -1,20 +1,26 @@
 """The only door into transformers.
 
 Shape legend: T = tokens fed in one forward, N = tree nodes, K = keys in the cache after the
-forward, E = hidden size, V = vocabulary.
+forward, E = hidden size, V = vocabulary, B batch, H query heads, G key/value heads, D head dim.
 
-The base model is driven through its public inputs only: `position_ids`, a 4D additive attention
-mask (transformers returns a 4D mask as-is) and a `DynamicCache`. No modeling file is copied or
-patched. Version differences live here:
+The base model is driven through its public inputs and extension points only; no modeling file is
+copied or patched. Two attention paths, chosen per model (`attention=`):
 
-* the cache keyword is `cache` from transformers 5.24 (`past_key_values` is deprecated there) and
-  `past_key_values` before; we read the decoder's signature once;
-* `DynamicCache` layers hold `keys`/`values` tensors [B, G, K, D] in 5.17 and 5.24. Compaction
-  after acceptance rewrites those tensors directly (one gather per layer), because `crop`'s
-  argument changed meaning between versions.
+* `"hf"` (default): the model's own attention (SDPA) over a `DynamicCache`, with the tree given as
+  a 4D additive attention mask (transformers returns a 4D mask as-is) and explicit position ids.
+  Compaction rewrites the `DynamicCache` layers' `keys`/`values` tensors (one gather per layer),
+  because `crop`'s argument changed meaning between versions.
+* one of `attention.api.BACKENDS` (`sdpa`, `flex`, `triton`, `reference`): our attention,
+  registered through transformers' `AttentionInterface`, over `EngineCache`, a transformers
+  `Cache` backed by `attention.kv_cache.StaticKVCache` (preallocated per request, compaction by
+  one gather over all layers). The tree travels as a keyword argument that transformers forwards
+  to the attention function; no mask tensor is built (transformers skips mask creation for an
+  attention implementation without a registered mask function).
 
-We call the decoder and the output embedding ourselves (rather than `model(...)`) to get the last
-hidden state the heads need without materialising every layer's hidden states.
+Version differences live here: the cache keyword is `cache` from transformers 5.24
+(`past_key_values` is deprecated there) and `past_key_values` before; we read the decoder's
+signature once. We call the decoder and the output embedding ourselves (rather than `model(...)`)
+to get the last hidden state the heads need without materialising every layer's hidden states.
 """
 
 from __future__ import annotations
@@ -26,17 +32,72 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from transformers import AttentionInterface, Cache, DynamicCache
 
+from attention.api import BACKENDS, attention
+from attention.kv_cache import StaticKVCache
 from attention.masks import additive_mask
 from medusa_engine.models import ModelSource, resolve_model
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"auto": "auto", "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+ATTENTION_CHOICES = ("hf", *BACKENDS)
+ATTN_NAME = "medusa_engine"  # our entry in transformers' AttentionInterface
+MIN_SLOTS = 256  # smallest static cache; it grows by doubling when a request needs more
 
 
 class ContextOverflowError(ValueError):
     """A prompt (or conversation) longer than the model's context; one line for the CLI."""
+
+
+def engine_attention(
+    module: Any,
+    query_BHTD: torch.Tensor,
+    key_BGKD: torch.Tensor,
+    value_BGKD: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers' attention-function signature over `attention.api.attention`.
+
+    Keyword `medusa_block_TT` (bool) is the structure of the new tokens (a tree); without it a
+    multi-token forward is causal. `medusa_backend` names the backend. Returns out_BTHD.
+    """
+    if dropout:
+        raise ValueError("the engine's attention is for inference: dropout must be 0")
+    window = kwargs.get("sliding_window")
+    if window is not None and key_BGKD.shape[2] > window:
+        raise NotImplementedError("sliding-window layers need attention='hf'")
+    t = query_BHTD.shape[2]
+    block = kwargs.get("medusa_block_TT")
+    out_BHTD = attention(
+        query_BHTD, key_BGKD, value_BGKD, backend=kwargs.get("medusa_backend", "sdpa"),
+        causal=block is None and t > 1, tree_mask_QQ=block, scale=scaling,
+    )  # fmt: skip
+    assert isinstance(out_BHTD, torch.Tensor)
+    return out_BHTD.transpose(1, 2), None
+
+
+class EngineCache(Cache):
+    """A transformers `Cache` over `StaticKVCache`: `update` appends in place, no concatenation."""
+
+    def __init__(self, static: StaticKVCache) -> None:
+        super().__init__(layers=[])
+        self.static = static
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.static.append(layer_idx, key_states, value_states)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.static.layer_length(layer_idx)
+
+    def __len__(self) -> int:
+        return self.static.num_layers
 
 
 @dataclass
@@ -56,7 +117,9 @@ class KVSession:
 class HFModel:
     """A causal LM from transformers, seen as decoder + LM head over an explicit KV cache."""
 
-    def __init__(self, model: Any, tokenizer: Any = None, name: str = "") -> None:
+    def __init__(self, model: Any, tokenizer: Any = None, name: str = "", attention: str = "hf"):
+        if attention not in ATTENTION_CHOICES:
+            raise ValueError(f"unknown attention {attention!r}; choose one of {ATTENTION_CHOICES}")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.name = name or getattr(model.config, "_name_or_path", "")
@@ -68,11 +131,16 @@ class HFModel:
         params = inspect.signature(self.decoder.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         text_config = self.config.get_text_config(decoder=True)
+        self.text_config = text_config
         self.hidden_size = int(text_config.hidden_size)
         self.vocab_size = int(self.lm_head.weight.shape[0])
         self.max_context = int(getattr(text_config, "max_position_embeddings", 1 << 30))
         self.softcap = getattr(text_config, "final_logit_softcapping", None)
         self.eos_token_ids = _eos_ids(model)
+        self.attention = attention
+        if attention != "hf":
+            AttentionInterface.register(ATTN_NAME, engine_attention)
+            self.decoder.set_attn_implementation(ATTN_NAME)
 
     @property
     def device(self) -> torch.device:
@@ -88,16 +156,16 @@ class HFModel:
         model: str | ModelSource,
         dtype: str | torch.dtype = "auto",
         device: str | torch.device = "cpu",
-        attn_implementation: str = "sdpa",
+        attention: str = "hf",
     ) -> HFModel:
         """Load model + tokenizer from an alias, folder, GGUF file or hub id (see `models`)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         source = resolve_model(model) if isinstance(model, str) else model
-        torch_dtype = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
         if isinstance(dtype, str) and dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-        kwargs: dict[str, Any] = {"dtype": torch_dtype, "attn_implementation": attn_implementation}
+        torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+        kwargs: dict[str, Any] = {"dtype": torch_dtype, "attn_implementation": "sdpa"}
         if source.gguf_file:
             kwargs["gguf_file"] = source.gguf_file
         hf_model: Any = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
@@ -105,14 +173,36 @@ class HFModel:
         tokenizer = AutoTokenizer.from_pretrained(
             source.path, **({"gguf_file": source.gguf_file} if source.gguf_file else {})
         )
-        return cls(hf_model, tokenizer, name=source.alias or source.path)
+        return cls(hf_model, tokenizer, name=source.alias or source.path, attention=attention)
+
+    # ---- sessions ---------------------------------------------------------------------------
+
+    def new_session(self, capacity: int = MIN_SLOTS) -> KVSession:
+        """An empty cache; with our attention, a static one of `capacity` slots (grows on demand)."""
+        if self.attention == "hf":
+            return KVSession(DynamicCache(config=self.config))
+        return KVSession(EngineCache(self._allocate(capacity)))
+
+    def _allocate(self, slots: int) -> StaticKVCache:
+        c = self.text_config
+        heads = int(getattr(c, "num_key_value_heads", None) or c.num_attention_heads)
+        head_dim = int(getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
+        return StaticKVCache.allocate(
+            num_layers=int(c.num_hidden_layers), batch=1, kv_heads=heads, head_dim=head_dim,
+            max_length=max(slots, MIN_SLOTS), dtype=self.dtype, device=self.device,
+        )  # fmt: skip
+
+    def reserve(self, session: KVSession, tokens: int) -> None:
+        """Make sure the session's cache can hold `tokens` tokens (static caches grow by doubling)."""
+        cache = session.cache
+        if not isinstance(cache, EngineCache) or cache.static.max_length >= tokens:
+            return
+        bigger = self._allocate(max(tokens, 2 * cache.static.max_length))
+        for layer in range(bigger.num_layers):
+            bigger.append(layer, *cache.static.valid(layer))
+        cache.static = bigger
 
     # ---- forward ----------------------------------------------------------------------------
-
-    def new_session(self) -> KVSession:
-        from transformers import DynamicCache
-
-        return KVSession(DynamicCache(config=self.config))
 
     @torch.inference_mode()
     def forward(
@@ -128,18 +218,17 @@ class HFModel:
         structures the new block; the cached prefix is visible to all. None means causal.
         """
         t = input_ids_T.shape[0]
-        past = len(session)
-        mask = None
-        if block_mask_TT is not None and t > 1:
+        kwargs: dict[str, Any] = {self._cache_kw: session.cache}
+        if self.attention != "hf":
+            self.reserve(session, len(session) + t)
+            kwargs |= {"medusa_backend": self.attention, "medusa_block_TT": block_mask_TT}
+        elif block_mask_TT is not None and t > 1:
+            past = len(session)
             full_TK = torch.ones(t, past + t, dtype=torch.bool, device=input_ids_T.device)
             full_TK[:, past:] = block_mask_TT
-            mask = additive_mask(full_TK, self.dtype)[None, None]
+            kwargs["attention_mask"] = additive_mask(full_TK, self.dtype)[None, None]
         out = self.decoder(
-            input_ids=input_ids_T[None],
-            position_ids=position_ids_T[None],
-            attention_mask=mask,
-            use_cache=True,
-            **{self._cache_kw: session.cache},
+            input_ids=input_ids_T[None], position_ids=position_ids_T[None], use_cache=True, **kwargs
         )
         return out.last_hidden_state[0]
 
@@ -170,14 +259,21 @@ class HFModel:
         """
         gather = None
         if keep_T is not None and list(keep_T) != list(range(len(keep_T))):
-            gather = torch.as_tensor(keep_T, device=self.device) + start
-        for layer in session.cache.layers:
+            gather = torch.as_tensor(keep_T, device=self.device)
+        cache = session.cache
+        if isinstance(cache, EngineCache):
+            if gather is not None:
+                cache.static.compact(start, gather, validate=False)
+            cache.static.crop(min(length, cache.static.length))
+            return
+        for layer in cache.layers:
             if not getattr(layer, "is_initialized", True) or layer.keys is None:
                 continue
             if gather is not None:
-                n = gather.shape[0]
-                layer.keys[..., start : start + n, :] = layer.keys.index_select(-2, gather)
-                layer.values[..., start : start + n, :] = layer.values.index_select(-2, gather)
+                rows = gather + start
+                n = rows.shape[0]
+                layer.keys[..., start : start + n, :] = layer.keys.index_select(-2, rows)
+                layer.values[..., start : start + n, :] = layer.values.index_select(-2, rows)
             layer.keys = layer.keys[..., :length, :]
             layer.values = layer.values[..., :length, :]
 

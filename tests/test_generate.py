@@ -161,3 +161,49 @@ def test_greedy_equivalence_on_a_second_family(tiny_qwen2):
     oracle = OracleDrafter(ref, len(ids), 4, tiny_qwen2.vocab_size)
     result = MedusaGenerator(tiny_qwen2, oracle, "chain_4").generate(ids, 40, eos_token_ids=[])
     assert result.token_ids == ref and result.mean_accepted > 4.0
+
+
+@pytest.mark.parametrize(
+    "backend, prompts, max_new",
+    [("sdpa", 6, 64), ("reference", 3, 48), ("flex", 1, 12)],  # eager flex is slow on CPUs
+)
+def test_every_cpu_attention_backend_is_lossless(backend, prompts, max_new, prompt_ids, references):
+    """Our attention (AttentionInterface) over the static cache gives the same greedy tokens."""
+    from medusa_engine.hf_adapter import EngineCache, HFModel
+
+    model = HFModel.load("stories260k", dtype="fp32", attention=backend)
+    engine = MedusaGenerator(model, random_heads(model), "mc_sim_7b_63")
+    for ids, ref in zip(prompt_ids[:prompts], references[:prompts]):
+        session = model.new_session(capacity=8)  # too small on purpose: the cache must grow
+        result = engine.generate(ids, max_new, session=session)
+        assert result.token_ids == ref[:max_new]
+        assert isinstance(session.cache, EngineCache)
+        assert session.cache.static.length == len(session.token_ids)
+
+
+TRITON_SCRIPT = """
+import torch
+from medusa_engine.generate import MedusaGenerator
+from medusa_engine.hf_adapter import HFModel
+from tests.test_generate import random_heads
+ids = [1, 403, 407, 261, 378]
+plain = HFModel.load("stories260k", dtype="fp32")
+ref = MedusaGenerator(plain, None, "plain").generate(ids, 8).token_ids
+model = HFModel.load("stories260k", dtype="fp32", attention="triton")
+got = MedusaGenerator(model, random_heads(model), "cpu_16").generate(ids, 8).token_ids
+assert got == ref, (got, ref)
+print("triton ok")
+"""
+
+
+@pytest.mark.slow
+def test_triton_backend_is_lossless_under_the_interpreter():
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-c", TRITON_SCRIPT], env=env, capture_output=True,
+                          text=True, timeout=900)  # fmt: skip
+    assert proc.returncode == 0 and "triton ok" in proc.stdout, proc.stderr[-2000:]

@@ -1,0 +1,344 @@
+"""`medusa-engine bench`: speed and acceptance of Medusa against HF baselines on prompt sets.
+
+    python -m eval.harness --model stories260k --heads H --prompts mt_bench --limit 3 --out DIR
+
+Methods (`--methods`, any subset, in this order per prompt):
+
+* `hf`: `model.generate(do_sample=False)`, the baseline every speedup is relative to;
+* `hf-pld`: HF prompt-lookup decoding (`prompt_lookup_num_tokens=10`), greedy;
+* `medusa`: the engine, greedy, with `--heads` on `--tree`;
+* `medusa-typical`: the engine at `--temperature` (default 0.7) with typical acceptance; the
+  sampler is reseeded per prompt (`--seed` + prompt index), so each answer is reproducible.
+
+All methods share one loaded model and run in one process, interleaved (for each prompt, every
+method), after one warm-up call each; device work is synchronised before each clock read. Greedy
+methods are compared token for token with `hf`; a difference is reported per prompt with its first
+differing position. `--tree-sweep cpu_8,cpu_16,...` adds the greedy engine on each of those trees
+(label `medusa@NAME`; the `--tree` one reuses `medusa`) on the same prompts. Metric definitions:
+`eval/metrics.py`; outputs: `eval/report.py`. Progress goes to stderr; stdout is a table, then one
+JSON line.
+
+τ by method: the engine's per-step accept lengths (its prefill token is not a step); `hf`/`hf-pld`:
+tokens per base-model forward as streamed by `generate` (one put per forward), so `hf` is 1.0 by
+construction and `hf-pld`'s first step is its prefill, which also verifies a draft.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from eval import metrics, report
+from eval.prompts import Prompt, load_prompts
+from eval.timing import MEMORY_SOURCES, HFStepClock, PeakMemory, first_item_time, sync
+from medusa_engine.cli import CLIError, add_model_args, encode_prompt, load_engine
+from medusa_engine.trees import TREE_PRESETS
+
+METHODS = ("hf", "hf-pld", "medusa", "medusa-typical")
+GREEDY = ("hf", "hf-pld", "medusa")
+BASELINE = "hf"
+PLD_TOKENS = 10
+REPO = Path(__file__).resolve().parent.parent
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Method:
+    """A labelled way to answer one prompt: `call(ids, max_new_tokens) -> (tokens, ttft, steps)`."""
+
+    label: str
+    call: Callable[[list[int], int], tuple[list[int], float | None, list[int]]]
+    engine: Any = None  # MedusaGenerator for engine methods
+    seed: int | None = None  # reseed the engine's sampler per prompt (sampling methods)
+    tree: str | None = None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `bench` flags (including the shared model flags)."""
+    add_model_args(parser)
+    parser.set_defaults(temperature=0.7)  # only medusa-typical samples
+    parser.add_argument("--prompts", required=True, help="mt_bench, spec_bench or a .jsonl file")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
+    parser.add_argument(
+        "--limit", type=int, default=None, help="N prompts, round-robin by category"
+    )
+    parser.add_argument("--out", required=True, help="output folder (created)")
+    parser.add_argument(
+        "--tree-sweep", default=None, help="tree presets for `medusa`, e.g. cpu_8,cpu_16"
+    )
+    parser.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch intra-op threads (default: torch's)"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medusa-engine bench", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return run(args)
+    except (CLIError, ValueError, OSError) as err:  # PromptsError, HeadsError, ...: ValueErrors
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"medusa-engine: error: {message}", file=sys.stderr)
+        return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark; torch's thread count is restored afterwards."""
+    threads = torch.get_num_threads()
+    try:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    methods = _split(args.methods)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise CLIError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    sweep = list(dict.fromkeys(_split(args.tree_sweep or "")))
+    if [t for t in sweep if t not in TREE_PRESETS]:
+        raise CLIError(f"--tree-sweep takes preset names: {', '.join(TREE_PRESETS)}")
+    prompts = load_prompts(args.prompts, args.limit)
+    if not prompts:
+        raise CLIError("no prompts to run (--limit 0?)")
+    greedy_engine = load_engine(argparse.Namespace(**{**vars(args), "temperature": 0.0}))
+    model = greedy_engine.model
+    runners = _methods(args, methods, sweep, greedy_engine)
+    encoded = [encode_prompt(model.tokenizer, p.text, args.raw) for p in prompts]
+    load_start = os.getloadavg()
+    for m in runners:  # warm-up: one short call each, not measured
+        m.call(encoded[0][:16], 8)
+    runs: dict[str, list[metrics.PromptRun]] = {m.label: [] for m in runners}
+    texts: dict[str, list[str]] = {m.label: [] for m in runners}
+    bar = tqdm(total=len(prompts) * len(runners), desc="bench", unit="run", file=sys.stderr)
+    for i, (prompt, ids) in enumerate(zip(prompts, encoded)):
+        for m in runners:
+            bar.set_postfix_str(m.label)
+            run_ = _measure(m, i, prompt, ids, args.max_new_tokens, model.device)
+            runs[m.label].append(run_)
+            texts[m.label].append(model.tokenizer.decode(run_.token_ids, skip_special_tokens=True))
+            bar.update()
+    bar.close()
+    summary = _summary(args, prompts, runners, runs, model, load_start, sweep)
+    report.write_all(Path(args.out), summary, runs, texts)
+    print(report.table(summary))
+    print(json.dumps(report.stdout_record(summary)))
+    return 0
+
+
+def _methods(
+    args: argparse.Namespace, methods: list[str], sweep: list[str], greedy
+) -> list[Method]:
+    from medusa_engine.config import SamplingConfig
+    from medusa_engine.generate import MedusaGenerator
+
+    model = greedy.model
+    out: list[Method] = []
+    if "hf" in methods:
+        out.append(Method("hf", _hf_call(model, None)))
+    if "hf-pld" in methods:
+        out.append(Method("hf-pld", _hf_call(model, PLD_TOKENS)))
+    if "medusa" in methods:
+        out.append(Method("medusa", _engine_call(greedy), greedy, tree=str(args.tree)))
+    if "medusa-typical" in methods:
+        if args.temperature <= 0:
+            raise CLIError("medusa-typical needs --temperature > 0")
+        seed = 0 if args.seed is None else args.seed
+        sampling = SamplingConfig(temperature=args.temperature, seed=seed)
+        typical = MedusaGenerator(model, greedy.drafter, greedy.tree, sampling)
+        out.append(Method("medusa-typical", _engine_call(typical), typical, seed, str(args.tree)))
+    for name in sweep:
+        if name == str(args.tree) and "medusa" in methods:
+            continue  # the `medusa` runs are this tree's
+        engine = MedusaGenerator(model, greedy.drafter, name, SamplingConfig())
+        out.append(Method(f"medusa@{name}", _engine_call(engine), engine, tree=name))
+    return out
+
+
+def _hf_call(model, pld_tokens: int | None):
+    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
+    extra = {"prompt_lookup_num_tokens": pld_tokens} if pld_tokens else {}
+
+    @torch.inference_mode()
+    def call(ids: list[int], max_new_tokens: int) -> tuple[list[int], float | None, list[int]]:
+        input_ids = torch.tensor([ids], device=model.device)
+        clock = HFStepClock(time.perf_counter())
+        out = model.model.generate(
+            input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
+            do_sample=False, pad_token_id=pad, streamer=clock, **extra,
+        )  # fmt: skip
+        return out[0, len(ids) :].tolist(), clock.ttft_s, clock.step_tokens
+
+    return call
+
+
+def _engine_call(engine):
+    from medusa_engine.generate import GenerationResult
+
+    def call(ids: list[int], max_new_tokens: int) -> tuple[list[int], float | None, list[int]]:
+        result = GenerationResult()
+        ttft = first_item_time(
+            engine.stream(ids, max_new_tokens, result=result), time.perf_counter()
+        )
+        return result.token_ids, ttft, result.accepted_lengths
+
+    return call
+
+
+def _measure(
+    m: Method, index: int, prompt: Prompt, ids: list[int], max_new_tokens: int, device
+) -> metrics.PromptRun:
+    if m.seed is not None:
+        m.engine.generator.manual_seed(m.seed + index)
+    with PeakMemory(device) as mem:
+        sync(device)
+        start = time.perf_counter()
+        tokens, ttft, steps = m.call(ids, max_new_tokens)
+        sync(device)
+        wall = time.perf_counter() - start
+    return metrics.PromptRun(
+        method=m.label, index=index, question_id=prompt.question_id, category=prompt.category,
+        token_ids=tuple(tokens), wall_s=wall, ttft_s=wall if ttft is None else ttft,
+        accept_lengths=tuple(steps), peak_mem_bytes=mem.peak_bytes,
+    )  # fmt: skip
+
+
+def _summary(args, prompts, runners, runs, model, load_start, sweep_trees) -> dict:
+    trees = {m.label: m.engine.tree for m in runners if m.engine is not None}
+    greedy = [m.label for m in runners if m.label in GREEDY or m.label.startswith("medusa@")]
+    results = metrics.summarize(
+        runs, BASELINE, greedy, depth={label: t.max_depth for label, t in trees.items()}
+    )
+    sweep = None
+    if sweep_trees:
+        labels = {m.tree: m.label for m in runners if m.label == "medusa" or "@" in m.label}
+        sweep = [
+            {"tree": name, "method": labels[name], "nodes": trees[labels[name]].num_nodes,
+             **{k: results[labels[name]]["all"][k] for k in ("tau", "tokens_per_s", "speedup")}}
+            for name in sweep_trees
+        ]  # fmt: skip
+    stamp = _stamp(args, model, runners, load_start)
+    warnings = []
+    if model.device.type == "cpu" and max(stamp["load_avg_1m"]) > (stamp["cpu_count"] or 1):
+        warnings.append(
+            f"1-min load average {stamp['load_avg_1m']} (start, end) exceeds the "
+            f"{stamp['cpu_count']} CPUs: timings were taken under contention"
+        )
+    return {
+        "benchmark": "medusa_bench",
+        "prompts": args.prompts,
+        "num_prompts": len(prompts),
+        "categories": sorted({p.category for p in prompts}),
+        "max_new_tokens": args.max_new_tokens,
+        "methods": [m.label for m in runners],
+        "baseline": BASELINE,
+        "stamp": stamp,
+        "warnings": warnings,
+        "results": results,
+        "greedy_mismatches_total": sum(
+            (r["mismatches"] or {}).get("count", 0) for r in results.values()
+        ),
+        "tree_sweep": sweep,
+        "definitions": {
+            "speedup": "tokens/s of the method / tokens/s of hf on the same prompts, where "
+            "tokens/s = total new tokens / total wall time",
+            "tau": "mean tokens emitted per verification forward over all steps (hf: 1 by "
+            "construction; hf-pld: per base-model forward, its prefill included)",
+            "acceptance_by_depth": "d=1..depth: fraction of steps whose accept length > d",
+            "ttft_s": "mean seconds from the call to the first new token (prefill included)",
+            "tpot_s": "sum(wall - ttft) / sum(new tokens - 1)",
+            "peak_mem_bytes": MEMORY_SOURCES[PeakMemory(model.device).source],
+        },
+    }
+
+
+def _stamp(args, model, runners, load_start) -> dict:
+    device = model.device
+    trees = {m.label: {"name": m.tree, "nodes": m.engine.tree.num_nodes,
+                       "depth": m.engine.tree.max_depth}
+             for m in runners if m.engine is not None}  # fmt: skip
+    load_end = os.getloadavg()
+    return {
+        "model": args.model,
+        "device": str(device),
+        "device_name": (
+            torch.cuda.get_device_name(device)
+            if device.type == "cuda"
+            else platform.processor() or platform.machine()
+        ),
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "load_avg_1m": [round(load_start[0], 2), round(load_end[0], 2)],
+        "torch": torch.__version__,
+        "transformers": _version("transformers"),
+        "heads": _heads_path(args),
+        "trees": trees,
+        "temperature": args.temperature if "medusa-typical" in _split(args.methods) else None,
+        "seed": 0 if args.seed is None else args.seed,
+        "pld_num_tokens": PLD_TOKENS,
+        "git_commit": _git("rev-parse", "HEAD"),
+        "git_dirty": None if (st := _git("status", "--porcelain")) is None else bool(st),
+        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def _heads_path(args: argparse.Namespace) -> str:
+    """`--heads` as a path (`auto` resolved to the alias's bundled heads, if any)."""
+    if args.heads != "auto":
+        return str(args.heads)
+    from medusa_engine.models import resolve_model
+
+    bundled = resolve_model(args.model).bundled_heads
+    return str(bundled) if bundled is not None else "none (auto: no bundled heads)"
+
+
+def _split(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _version(package: str) -> str | None:
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
+def _git(*argv: str) -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", *argv], cwd=REPO, capture_output=True, text=True, timeout=10, check=True
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

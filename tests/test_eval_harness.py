@@ -1,0 +1,160 @@
+"""The `bench` harness: prompt loading, timing helpers, and one end-to-end run on stories260k."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from eval import harness
+from eval.prompts import PromptsError, load_prompts, take_round_robin
+from eval.timing import HFStepClock, PeakMemory
+from medusa_engine.config import HeadsConfig
+from medusa_engine.heads import MedusaHeads
+
+STORIES = ["Once upon a time", "Tom had a red ball", "The cat was very hungry"]
+
+
+@pytest.fixture
+def one_thread():
+    """A 260K-parameter model is overhead-bound: 2 threads on 2 busy cores only contend."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_prompt_file_fields_and_defaults(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [
+        {"question_id": 7, "category": "story", "turns": ["first turn", "second turn"]},
+        {"id": "x", "prompt": "a prompt"},
+        {"text": "a text"},
+    ])  # fmt: skip
+    prompts = load_prompts(str(path))
+    assert [(p.question_id, p.category, p.text) for p in prompts] == [
+        (7, "story", "first turn"), ("x", "default", "a prompt"), (2, "default", "a text"),
+    ]  # fmt: skip
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"question_id": 1, "answer": "no text"}])
+    with pytest.raises(PromptsError, match="no `turns`, `prompt` or `text`"):
+        load_prompts(str(bad))
+    with pytest.raises(PromptsError, match="no prompt set or file"):
+        load_prompts(str(tmp_path / "missing.jsonl"))
+
+
+def test_bundled_sets_and_round_robin_limit():
+    mt = load_prompts("mt_bench")
+    assert len(mt) == 80 and len({p.category for p in mt}) == 8
+    assert mt[0].text.startswith("Compose an engaging travel blog post")
+    spec = load_prompts("spec_bench")
+    assert len(spec) == 480
+    assert {p.category for p in spec} == {
+        "mt_bench", "translation", "summarization", "qa", "math_reasoning", "rag",
+    }  # fmt: skip
+    six = load_prompts("spec_bench", limit=6)
+    assert len({p.category for p in six}) == 6  # one per category, not the first 6 rows
+    assert [p.question_id for p in take_round_robin(mt, 9)][-1] == mt[1].question_id
+    assert load_prompts("mt_bench", limit=3) == [mt[0], mt[10], mt[20]]
+
+
+def test_step_clock_sees_one_put_per_forward(stories260k, one_thread):
+    """hf-pld's τ = tokens per base-model forward: the streamer's puts match the forwards."""
+    ids = stories260k.tokenizer("Once upon a time there was a girl. Once upon a time")["input_ids"]
+    forwards = []
+    hook = stories260k.model.register_forward_pre_hook(lambda *_: forwards.append(1))
+    try:
+        for extra in ({}, {"prompt_lookup_num_tokens": 10}):
+            forwards.clear()
+            clock = HFStepClock(0.0)
+            out = stories260k.model.generate(
+                torch.tensor([ids]), max_new_tokens=24, do_sample=False, pad_token_id=0,
+                streamer=clock, **extra,
+            )  # fmt: skip
+            new = out.shape[1] - len(ids)
+            assert len(clock.step_tokens) == len(forwards)
+            assert sum(clock.step_tokens) == new
+            assert clock.ttft_s is not None and clock.ttft_s > 0
+    finally:
+        hook.remove()
+
+
+def test_peak_memory_sees_a_fresh_allocation():
+    with PeakMemory("cpu") as mem:
+        block = torch.ones(16 << 20, dtype=torch.float32)  # 64 MiB, freshly mapped
+        del block
+    assert mem.peak_bytes is not None
+    if mem.source == "vmhwm":
+        assert mem.peak_bytes >= 60 << 20, mem.peak_bytes
+
+
+def test_bad_flags_end_in_one_line_errors(capsys, tmp_path):
+    code = harness.main(["--prompts", "mt_bench", "--methods", "hf,nope", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert (
+        code == 2
+        and err.startswith("medusa-engine: error: unknown method")
+        and err.count("\n") == 1
+    )
+    code = harness.main(["--prompts", str(tmp_path / "none.jsonl"), "--out", str(tmp_path)])
+    assert code == 2 and "no prompt set or file" in capsys.readouterr().err
+    code = harness.main(["--prompts", "mt_bench", "--tree-sweep", "cpu_8,big", "--out", "x"])
+    assert code == 2 and "--tree-sweep takes preset names" in capsys.readouterr().err
+
+
+def test_bench_end_to_end_on_stories260k(capsys, tmp_path):
+    torch.manual_seed(0)
+    heads = MedusaHeads(HeadsConfig(4, 1, 64, 512))
+    for p in heads.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    heads.save(tmp_path / "heads")
+    prompts = write_jsonl(tmp_path / "stories.jsonl", [
+        {"question_id": i, "category": "story" if i < 2 else "other", "prompt": t}
+        for i, t in enumerate(STORIES)
+    ])  # fmt: skip
+    out = tmp_path / "out"
+    code = harness.main([
+        "--model", "stories260k", "--heads", str(tmp_path / "heads"), "--dtype", "fp32",
+        "--prompts", str(prompts), "--max-new-tokens", "16", "--tree-sweep", "cpu_8,cpu_16",
+        "--methods", "hf,hf-pld,medusa,medusa-typical", "--out", str(out), "--threads", "1",
+    ])  # fmt: skip
+    stdout = capsys.readouterr().out
+    assert code == 0
+    line = json.loads(stdout.strip().splitlines()[-1])
+    methods = ["hf", "hf-pld", "medusa", "medusa-typical", "medusa@cpu_8"]
+    expected = {f"{m}.jsonl" for m in methods} | {"summary.json", "summary.md"}
+    expected |= {"speedup_by_category.png", "accept_lengths.png", "tree_sweep.png"}
+    assert expected <= {p.name for p in out.iterdir()}
+    summary = json.loads((out / "summary.json").read_text())
+    res = summary["results"]
+    assert res["medusa"]["mismatches"] == {"count": 0, "first_diff": {}}
+    assert line["methods"]["medusa"]["greedy_mismatches"] == 0
+    assert res["medusa@cpu_8"]["mismatches"]["count"] == 0
+    assert res["medusa-typical"]["mismatches"] is None
+    assert res["hf"]["all"]["tau"] == 1.0 and res["hf"]["all"]["speedup"] == 1.0
+    assert (
+        res["medusa"]["all"]["tau"] >= 1.0 and len(res["medusa"]["all"]["acceptance_by_depth"]) == 4
+    )
+    assert set(res["medusa"]["categories"]) == {"story", "other"}
+    assert [r["tree"] for r in summary["tree_sweep"]] == ["cpu_8", "cpu_16"]
+    assert summary["tree_sweep"][1]["method"] == "medusa"  # --tree cpu_16 is reused
+    stamp = summary["stamp"]
+    assert stamp["dtype"] == "float32" and stamp["trees"]["medusa"] == {
+        "name": "cpu_16", "nodes": 17, "depth": 4,
+    }  # fmt: skip
+    assert stamp["torch"] == torch.__version__ and stamp["transformers"]
+    answers = [json.loads(x) for x in (out / "medusa.jsonl").read_text().splitlines()]
+    hf = [json.loads(x) for x in (out / "hf.jsonl").read_text().splitlines()]
+    assert [a["question_id"] for a in answers] == [0, 1, 2]
+    for a, h in zip(answers, hf):
+        choice = a["choices"][0]
+        assert a["model_id"] == "medusa" and choice["turns"] == h["choices"][0]["turns"]
+        assert choice["new_tokens"] == [16] and choice["wall_time"][0] > 0
+        assert h["choices"][0]["accept_lengths"] == [1] * 16
+        assert sum(choice["accept_lengths"]) >= 15  # the prefill's token is not a step
+    md = (out / "summary.md").read_text()
+    assert "| medusa |" in md and "tree_sweep.png" in md
