@@ -1,0 +1,251 @@
+"""Class-conditional DiT training on scikit-learn digits: `python -m diffusion_ext.train`.
+
+Shape legend: B batch, C channels, H/W image size.
+
+Recipe: AdamW with linear warm-up then cosine decay to 10%; labels dropped to the null class with
+probability `class_dropout` (for classifier-free guidance); loss = MSE between the network output
+and `process.target` (eps for VP/VE, velocity for RF), in fp32; compute under the shared precision
+runtime (bf16 autocast, or fp16 autocast with dynamic loss scaling); EMA of the weights with a
+warm-up (a plain copy for `ema_warmup_steps`, then decay min(ema_decay, (1+k)/(10+k))).
+Checkpoints (`state.pt`: model, EMA, optimizer, scaler, step, RNG) are written atomically every
+`checkpoint_every` steps; `--resume` continues from one bit-for-bit in the data order. The EMA
+weights alone are exported as `ema.safetensors` at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import logging
+import math
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from attention.precision import DynamicLossScaler, autocast, get_policy
+from diffusion_ext.checkpoint import export_ema, load_state, save_atomic
+from diffusion_ext.config import DIT_PRESETS, TRAIN_PRESETS, TrainConfig
+from diffusion_ext.data import load_digits_split
+from diffusion_ext.dit import DiT
+from diffusion_ext.schedules import Process, bcast, get_process
+
+logger = logging.getLogger(__name__)
+
+
+def lr_at(step: int, config: TrainConfig) -> float:
+    """Linear warm-up to `lr`, then cosine decay to 0.1 * lr at `steps`."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    frac = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
+
+
+def ema_decay_at(step: int, config: TrainConfig) -> float:
+    if step < config.ema_warmup_steps:
+        return 0.0
+    k = step - config.ema_warmup_steps
+    return min(config.ema_decay, (1 + k) / (10 + k))
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model (parameters and buffers); mutates `ema`."""
+    for e, m in zip(ema.state_dict().values(), model.state_dict().values(), strict=True):
+        if e.dtype.is_floating_point:
+            e.lerp_(m, 1.0 - decay)
+        else:
+            e.copy_(m)
+
+
+def diffusion_loss(
+    model: DiT,
+    process: Process,
+    x0_BCHW: torch.Tensor,
+    y_B: torch.Tensor,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """E_t,eps || net(c_in x_t, 1000 t, y) - target ||^2, fp32 scalar (runs under the caller's
+    autocast)."""
+    t_B = process.sample_t(x0_BCHW.shape[0], generator)
+    eps = torch.randn(x0_BCHW.shape, generator=generator)
+    x_t = process.add_noise(x0_BCHW, eps, t_B)
+    out = model(bcast(process.c_in(t_B), x_t) * x_t, process.model_time(t_B), y_B)
+    return F.mse_loss(out.float(), process.target(x0_BCHW, eps, t_B).float())
+
+
+@dataclass
+class TrainRun:
+    """Everything a checkpoint holds; mutable, owned by `train`."""
+
+    config: TrainConfig
+    model: DiT
+    ema: DiT
+    optimizer: torch.optim.Optimizer
+    scaler: DynamicLossScaler
+    generator: torch.Generator
+    step: int = 0
+    elapsed_s: float = 0.0
+
+    @classmethod
+    def create(cls, config: TrainConfig) -> TrainRun:
+        torch.manual_seed(config.seed)
+        model = DiT(DIT_PRESETS[config.model])
+        ema = copy.deepcopy(model).requires_grad_(False)
+        optimizer = torch.optim.AdamW(
+            model.parameters(), lr=config.lr, weight_decay=config.weight_decay
+        )
+        scaler = DynamicLossScaler(enabled=get_policy(config.precision).loss_scaling)
+        return cls(
+            config, model, ema, optimizer, scaler, torch.Generator().manual_seed(config.seed)
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "config": dataclasses.asdict(self.config),
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "generator": self.generator.get_state(),
+            "step": self.step,
+            "elapsed_s": self.elapsed_s,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["config"] != dataclasses.asdict(self.config):
+            raise ValueError("the checkpoint was written with a different training config")
+        self.model.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.generator.set_state(state["generator"])
+        self.step, self.elapsed_s = state["step"], state["elapsed_s"]
+
+
+def train_step(run: TrainRun, process: Process, x_NCHW: torch.Tensor, y_N: torch.Tensor) -> float:
+    """One optimizer step on a random batch of (x_NCHW, y_N); updates `run` in place; the loss."""
+    config, model = run.config, run.model
+    params = [p for p in model.parameters() if p.requires_grad]
+    idx_B = torch.randint(0, x_NCHW.shape[0], (config.batch_size,), generator=run.generator)
+    y_B = model.y_embed.drop(y_N[idx_B], config.class_dropout, run.generator)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr_at(run.step, config)
+    with autocast(get_policy(config.precision), "cpu"):
+        loss = diffusion_loss(model, process, x_NCHW[idx_B], y_B, run.generator)
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    finite = run.scaler.unscale_(params)
+    if finite:  # fp16 overflow: skip the step, the scaler backs off
+        nn.utils.clip_grad_norm_(params, config.grad_clip)
+        run.optimizer.step()
+    run.scaler.update(finite)
+    ema_update(run.ema, model, ema_decay_at(run.step, config))
+    run.step += 1
+    return loss.item()
+
+
+def train(
+    config: TrainConfig,
+    out_dir: Path,
+    resume: bool = False,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> dict[str, Any]:
+    """Train, checkpoint to `out_dir/state.pt`, export `out_dir/ema.safetensors`; return a summary.
+
+    `stop_after` ends this run (with a checkpoint, without the export) once that many steps are
+    done in total, as a preempted job would; `resume=True` continues it. Sets torch's intra-op
+    thread count to `config.threads` when non-zero (a process-wide setting).
+    """
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    process = get_process(config.process)
+    data = load_digits_split(config.seed, config.holdout_fraction)
+    run = TrainRun.create(config)
+    state_path = out_dir / "state.pt"
+    if resume:
+        if not state_path.is_file():
+            raise FileNotFoundError(f"--resume given but no checkpoint at {state_path}")
+        run.load_state_dict(load_state(state_path))
+        logger.info("resumed from %s at step %d", state_path, run.step)
+
+    bar = _progress(config.steps, run.step, progress)
+    run.model.train()
+    start, loss_avg = time.perf_counter() - run.elapsed_s, float("nan")
+    last = config.steps if stop_after is None else min(stop_after, config.steps)
+    while run.step < last:
+        loss = train_step(run, process, data.x_train_NCHW, data.y_train_N)
+        loss_avg = loss if math.isnan(loss_avg) else 0.98 * loss_avg + 0.02 * loss
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_avg:.4f}", refresh=False)
+        run.elapsed_s = time.perf_counter() - start
+        if run.step % config.checkpoint_every == 0 or run.step == last:
+            save_atomic(run.state_dict(), state_path)
+    bar.close()
+    summary = {
+        "steps": run.step,
+        "wall_s": round(run.elapsed_s, 1),
+        "final_loss_ema": round(loss_avg, 5),
+    }
+    if run.step < config.steps:
+        logger.info("stopped at step %d of %d; continue with --resume", run.step, config.steps)
+        return summary
+    export_ema(run.ema, DIT_PRESETS[config.model], config.process, out_dir / "ema.safetensors")
+    (out_dir / "train_summary.json").write_text(
+        json.dumps({"config": dataclasses.asdict(config), **summary}, indent=2) + "\n"
+    )
+    logger.info("trained %d steps in %.1f s; loss %.4f", run.step, run.elapsed_s, loss_avg)
+    return summary
+
+
+def _progress(total: int, initial: int, enabled: bool) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, desc="train", dynamic_ncols=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m diffusion_ext.train", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--preset", default="digits", choices=sorted(TRAIN_PRESETS))
+    parser.add_argument("--out-dir", type=Path, default=Path("runs/digits"))
+    parser.add_argument("--resume", action="store_true", help="continue from OUT_DIR/state.pt")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--stop-after", type=int, default=None, help="end this run after N steps")
+    for field in dataclasses.fields(TrainConfig):
+        parser.add_argument(
+            "--" + field.name.replace("_", "-"), type=type(field.default), default=None
+        )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    overrides = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(TrainConfig)
+        if getattr(args, f.name) is not None
+    }
+    try:
+        config = dataclasses.replace(TRAIN_PRESETS[args.preset], **overrides)
+        summary = train(config, args.out_dir, args.resume, not args.no_progress, args.stop_after)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
