@@ -32,6 +32,16 @@ PROMPTS = [
 ]
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """Test tensors are tiny: intra-op threads only add overhead (and contend on a busy 2-core
+    machine, up to 30x slower). Benchmarks, not tests, measure multi-threaded speed."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

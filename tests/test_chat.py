@@ -7,8 +7,7 @@ import sys
 
 import torch
 
-from medusa_engine.config import HeadsConfig
-from medusa_engine.heads import MedusaHeads
+from tests.helpers import random_heads
 
 MAX_NEW = 24
 
@@ -21,11 +20,7 @@ def greedy_reply(model, ids: list[int]) -> list[int]:
 
 
 def test_chat_through_a_pipe(stories260k, tmp_path):
-    torch.manual_seed(0)
-    heads = MedusaHeads(HeadsConfig(4, 1, 64, 512))
-    for p in heads.parameters():
-        torch.nn.init.normal_(p, std=0.3)
-    heads.save(tmp_path / "heads")
+    random_heads(save_to=tmp_path / "heads")
     script = "Once upon a time\nThe dog\n/stats\n/reset\nTom had a red ball\n/quit\nnever read\n"
     proc = subprocess.run(
         [sys.executable, "-m", "medusa_engine.cli", "chat", "--model", "stories260k",

@@ -10,6 +10,7 @@ import torch
 from medusa_engine.cli import main
 from medusa_engine.config import HeadsConfig
 from medusa_engine.heads import MedusaHeads
+from tests.helpers import random_heads
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -19,10 +20,7 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
 
 
 def test_generate_json_matches_greedy(capsys, stories260k, tmp_path):
-    heads = MedusaHeads(HeadsConfig(4, 1, 64, 512))
-    for p in heads.parameters():
-        torch.nn.init.normal_(p, std=0.3)
-    heads.save(tmp_path / "heads")
+    random_heads(save_to=tmp_path / "heads")
     code, out, _ = run(capsys, "generate", "--model", "stories260k", "--heads", str(tmp_path / "heads"),
                        "--prompt", "Once upon a time", "--max-new-tokens", "48", "--json")  # fmt: skip
     assert code == 0

@@ -13,16 +13,6 @@ from diffusion_ext.config import DIT_PRESETS, DiTConfig, get_dit_config
 from diffusion_ext.dit import DiT
 from diffusion_ext.embeddings import patchify, sincos_2d, unpatchify
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():  # type: ignore[no-untyped-def]
-    """Tiny tensors: intra-op threads only add contention on a shared 2-core machine (30x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 TINY = dataclasses.replace(DIT_PRESETS["tiny-digits"], depth=2)
 
 

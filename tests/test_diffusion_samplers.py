@@ -21,16 +21,6 @@ from diffusion_ext.guidance import classifier_guided, classifier_log_prob, model
 from diffusion_ext.samplers import SAMPLERS, get_sampler, sample
 from diffusion_ext.schedules import Process, get_process
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():  # type: ignore[no-untyped-def]
-    """Tiny tensors: intra-op threads only add contention on a shared 2-core machine (30x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 MU, VAR = 0.3, 0.25
 
 # Steps per sampler: first-order stochastic samplers converge slowly in the variance (DDPM's

@@ -22,15 +22,6 @@ SMOKE = dataclasses.replace(
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():  # type: ignore[no-untyped-def]
-    """Tiny tensors: intra-op threads only add contention on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_split_is_fixed_stratified_and_scaled() -> None:
     split = load_digits_split(0)
     assert split.x_test_NCHW.shape == (180, 1, 8, 8) and split.x_train_NCHW.shape == (1617, 1, 8, 8)

@@ -10,19 +10,9 @@ import torch
 from eval import harness
 from eval.prompts import PromptsError, load_prompts, take_round_robin
 from eval.timing import HFStepClock, PeakMemory
-from medusa_engine.config import HeadsConfig
-from medusa_engine.heads import MedusaHeads
+from tests.helpers import random_heads
 
 STORIES = ["Once upon a time", "Tom had a red ball", "The cat was very hungry"]
-
-
-@pytest.fixture
-def one_thread():
-    """A 260K-parameter model is overhead-bound: 2 threads on 2 busy cores only contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def write_jsonl(path, rows):
@@ -107,11 +97,7 @@ def test_bad_flags_end_in_one_line_errors(capsys, tmp_path):
 
 
 def test_bench_end_to_end_on_stories260k(capsys, tmp_path):
-    torch.manual_seed(0)
-    heads = MedusaHeads(HeadsConfig(4, 1, 64, 512))
-    for p in heads.parameters():
-        torch.nn.init.normal_(p, std=0.3)
-    heads.save(tmp_path / "heads")
+    random_heads(save_to=tmp_path / "heads")
     prompts = write_jsonl(tmp_path / "stories.jsonl", [
         {"question_id": i, "category": "story" if i < 2 else "other", "prompt": t}
         for i, t in enumerate(STORIES)

@@ -2,51 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import pytest
 import torch
 
-from medusa_engine.config import HeadsConfig
 from medusa_engine.generate import MedusaGenerator
-from medusa_engine.heads import MedusaHeads
 from medusa_engine.tree import tree_from_name
+from tests.helpers import OracleDrafter, random_heads
 
 MAX_NEW = 128
-
-
-class OracleDrafter:
-    """Proposes the reference continuation (or, adversarially, anything but it).
-
-    The session holds the prompt and every emitted token but the last (the current root), so
-    the heads must propose ref[done + 1 : done + 1 + K] with done = tokens emitted before it.
-    `truth_rank` puts the right token at that top-k rank of head 0 (exercises branch paths).
-    """
-
-    def __init__(self, ref: list[int], prompt_len: int, num_heads: int, vocab: int,
-                 adversarial: bool = False, truth_rank: int = 0) -> None:  # fmt: skip
-        self.ref, self.prompt_len, self.num_heads, self.vocab = ref, prompt_len, num_heads, vocab
-        self.adversarial, self.truth_rank = adversarial, truth_rank
-        self.gen = torch.Generator().manual_seed(0)
-
-    def __call__(self, hidden_E: torch.Tensor, token_ids: Sequence[int]) -> torch.Tensor:
-        done = len(token_ids) - self.prompt_len
-        logits_KV = torch.rand(self.num_heads, self.vocab, generator=self.gen)
-        for k in range(self.num_heads):
-            i = done + 1 + k
-            if i >= len(self.ref):
-                continue
-            truth = self.ref[i]
-            if self.adversarial:
-                logits_KV[k, truth] = float("-inf")
-            elif k == 0 and self.truth_rank > 0:
-                logits_KV[k, truth] = 2.0
-                top = torch.topk(logits_KV[k], self.truth_rank + 1).indices
-                logits_KV[k, top[: self.truth_rank]] = 3.0 + torch.arange(self.truth_rank).float()
-                logits_KV[k, truth] = 2.5
-            else:
-                logits_KV[k, truth] = 10.0
-        return logits_KV.to(hidden_E.dtype)
 
 
 @pytest.fixture(scope="module")
@@ -60,14 +23,6 @@ def references(stories260k, prompt_ids) -> list[list[int]]:
         refs.append(out[0, len(ids) :].tolist())
     assert sum(len(r) for r in refs) > 10 * MAX_NEW  # the references are long, not EOS at once
     return refs
-
-
-def random_heads(model, num_heads: int = 4, seed: int = 0) -> MedusaHeads:
-    torch.manual_seed(seed)
-    heads = MedusaHeads(HeadsConfig(num_heads, 1, model.hidden_size, model.vocab_size))
-    for p in heads.parameters():
-        torch.nn.init.normal_(p, std=0.3)
-    return heads
 
 
 def test_plain_decoding_matches_hf_generate(stories260k, prompt_ids, references):
@@ -185,7 +140,7 @@ TRITON_SCRIPT = """
 import torch
 from medusa_engine.generate import MedusaGenerator
 from medusa_engine.hf_adapter import HFModel
-from tests.test_generate import random_heads
+from tests.helpers import random_heads
 ids = [1, 403, 407, 261, 378]
 plain = HFModel.load("stories260k", dtype="fp32")
 ref = MedusaGenerator(plain, None, "plain").generate(ids, 8).token_ids

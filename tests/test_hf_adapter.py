@@ -9,6 +9,7 @@ from medusa_engine.config import HeadsConfig
 from medusa_engine.generate import MedusaGenerator
 from medusa_engine.heads import MedusaHeads
 from medusa_engine.tree import tree_from_name
+from tests.helpers import OracleDrafter
 
 MODELS = ["stories260k", "tiny_qwen2", "tiny_mistral"]
 
@@ -50,8 +51,6 @@ def cache_rows(session) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 @pytest.mark.parametrize("name", ["stories260k", "tiny_qwen2"])
 def test_cache_after_each_step_equals_sequential_decoding(name, request):
-    from tests.test_generate import OracleDrafter
-
     model = request.getfixturevalue(name)
     prompt = [1, 403, 407, 261, 378] if name == "stories260k" else [5, 17, 3, 44, 9]
     ref = model.model.generate(

@@ -18,15 +18,6 @@ from attention.precision import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():  # type: ignore[no-untyped-def]
-    """Tiny tensors: intra-op threads only add contention on a shared 2-core machine (30x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_presets_and_validation() -> None:
     assert get_policy("bf16").compute_torch_dtype is torch.bfloat16
     assert get_policy("fp16").loss_scaling

@@ -6,11 +6,10 @@ import pytest
 import torch
 
 from medusa_engine import tune
-from medusa_engine.config import HeadsConfig
 from medusa_engine.generate import MedusaGenerator
-from medusa_engine.heads import MedusaHeads
 from medusa_engine.tree import build_tree
 from medusa_engine.trees import TREE_PRESETS
+from tests.helpers import random_heads
 
 
 def test_node_values_are_joint_rank_prefix_frequencies():
@@ -55,11 +54,7 @@ def test_interpolation_is_linear_between_measured_sizes():
 
 @pytest.fixture(scope="module")
 def engine(stories260k):
-    torch.manual_seed(0)
-    heads = MedusaHeads(HeadsConfig(4, 1, 64, 512))
-    for p in heads.parameters():
-        torch.nn.init.normal_(p, std=0.3)
-    return MedusaGenerator(stories260k, heads, "plain")
+    return MedusaGenerator(stories260k, random_heads(stories260k), "plain")
 
 
 def test_tuned_tree_beats_every_preset_on_the_same_measurements(engine):

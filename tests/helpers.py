@@ -1,0 +1,59 @@
+"""Test doubles shared by several test files: random heads and oracle/adversarial drafters."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from medusa_engine.config import HeadsConfig
+from medusa_engine.heads import MedusaHeads
+
+
+def random_heads(model=None, num_heads: int = 4, seed: int = 0, *, hidden: int = 64,
+                 vocab: int = 512, save_to: Path | None = None) -> MedusaHeads:  # fmt: skip
+    """Heads with random weights (they propose real, mostly wrong, tokens), for `model`'s shape."""
+    if model is not None:
+        hidden, vocab = model.hidden_size, model.vocab_size
+    torch.manual_seed(seed)
+    heads = MedusaHeads(HeadsConfig(num_heads, 1, hidden, vocab))
+    for p in heads.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    if save_to is not None:
+        heads.save(save_to)
+    return heads
+
+
+class OracleDrafter:
+    """Proposes the reference continuation (or, adversarially, anything but it).
+
+    The session holds the prompt and every emitted token but the last (the current root), so
+    the heads must propose ref[done + 1 : done + 1 + K] with done = tokens emitted before it.
+    `truth_rank` puts the right token at that top-k rank of head 0 (exercises branch paths).
+    """
+
+    def __init__(self, ref: list[int], prompt_len: int, num_heads: int, vocab: int,
+                 adversarial: bool = False, truth_rank: int = 0) -> None:  # fmt: skip
+        self.ref, self.prompt_len, self.num_heads, self.vocab = ref, prompt_len, num_heads, vocab
+        self.adversarial, self.truth_rank = adversarial, truth_rank
+        self.gen = torch.Generator().manual_seed(0)
+
+    def __call__(self, hidden_E: torch.Tensor, token_ids: Sequence[int]) -> torch.Tensor:
+        done = len(token_ids) - self.prompt_len
+        logits_KV = torch.rand(self.num_heads, self.vocab, generator=self.gen)
+        for k in range(self.num_heads):
+            i = done + 1 + k
+            if i >= len(self.ref):
+                continue
+            truth = self.ref[i]
+            if self.adversarial:
+                logits_KV[k, truth] = float("-inf")
+            elif k == 0 and self.truth_rank > 0:
+                logits_KV[k, truth] = 2.0
+                top = torch.topk(logits_KV[k], self.truth_rank + 1).indices
+                logits_KV[k, top[: self.truth_rank]] = 3.0 + torch.arange(self.truth_rank).float()
+                logits_KV[k, truth] = 2.5
+            else:
+                logits_KV[k, truth] = 10.0
+        return logits_KV.to(hidden_E.dtype)
