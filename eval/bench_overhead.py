@@ -92,12 +92,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=10)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--attention", default="hf", help="engine attention: hf or a backend name")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
     quiet_transformers()
     model = HFModel.load(args.model, dtype=args.dtype)
+    # The HF baseline keeps the model's own attention; with ours the engines load their own copy.
+    hf_model = model.model
+    if args.attention != "hf":
+        model = HFModel.load(args.model, dtype=args.dtype, attention=args.attention)
     if args.heads:
         heads = MedusaHeads.load(args.heads)
     else:
@@ -117,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     pad = model.tokenizer.pad_token_id or 0
 
     def run_hf(ids: list[int]) -> list[int]:
-        out = model.model.generate(
+        out = hf_model.generate(
             torch.tensor([ids]), max_new_tokens=args.max_new_tokens, do_sample=False,
             pad_token_id=pad,
         )  # fmt: skip
@@ -150,6 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "model": args.model,
         "dtype": args.dtype,
         "tree": args.tree,
+        "attention": args.attention,
         "heads": args.heads or "random(4x1)",
         "prompts": len(prompts),
         "max_new_tokens": args.max_new_tokens,

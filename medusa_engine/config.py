@@ -12,6 +12,12 @@ class HeadsConfig:
     Each head is `num_layers` residual blocks `x + SiLU(W x + b)` followed by a vocabulary
     projection: the head's own (`shared_lm_head=False`, the published Medusa format) or the base
     model's frozen LM head shared by all heads (`shared_lm_head=True`).
+
+    `out_map` adds, after the blocks, a residual linear map x + U x (U zero-initialised, E x E, no
+    bias). Why: SiLU is bounded below (>= -0.28), so the blocks can add to the hidden state but
+    hardly cancel it; with a frozen shared LM head a head then stays close to the base model's
+    next-token guess. (x + U x) can move the hidden state anywhere, for E^2 parameters per head
+    instead of the E x V of an own LM head.
     """
 
     num_heads: int
@@ -20,6 +26,7 @@ class HeadsConfig:
     vocab_size: int
     shared_lm_head: bool = True
     base_model: str = ""
+    out_map: bool = False  # a zero-initialised residual linear map x + U x after the blocks
 
     def __post_init__(self) -> None:
         for name in ("num_heads", "num_layers", "hidden_size", "vocab_size"):

@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medusa_engine.atomic import atomic_write
 from medusa_engine.config import HeadsConfig
 
 FORMAT = "medusa-engine"
@@ -50,6 +50,18 @@ class ResBlock(nn.Module):
         return x_BE + F.silu(self.linear(x_BE))
 
 
+class LinearResidual(nn.Module):
+    """x + U x, U zero-initialised (the identity at init); see `HeadsConfig.out_map`."""
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, hidden_size, bias=False)
+        nn.init.zeros_(self.linear.weight)
+
+    def forward(self, x_BE: torch.Tensor) -> torch.Tensor:
+        return x_BE + self.linear(x_BE)
+
+
 class MedusaHeads(nn.Module):
     """K heads; `forward(hidden_BE, lm_head)` returns logits_BKV."""
 
@@ -59,7 +71,10 @@ class MedusaHeads(nn.Module):
         e, v = config.hidden_size, config.vocab_size
         # Distinct modules per block (never `[ResBlock(e)] * n`, which would share weights).
         self.blocks = nn.ModuleList(
-            nn.Sequential(*(ResBlock(e) for _ in range(config.num_layers)))
+            nn.Sequential(
+                *(ResBlock(e) for _ in range(config.num_layers)),
+                *([LinearResidual(e)] if config.out_map else []),
+            )
             for _ in range(config.num_heads)
         )
         self.lm_heads = (
@@ -111,11 +126,9 @@ class MedusaHeads(nn.Module):
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        _atomic_write(
-            out / WEIGHTS, lambda p: save_file(state, str(p), metadata={"format": FORMAT})
-        )
+        atomic_write(out / WEIGHTS, lambda p: save_file(state, str(p), metadata={"format": FORMAT}))
         cfg = {"format": FORMAT, **self.config.__dict__}
-        _atomic_write(out / "config.json", lambda p: p.write_text(json.dumps(cfg, indent=2) + "\n"))
+        atomic_write(out / "config.json", lambda p: p.write_text(json.dumps(cfg, indent=2) + "\n"))
 
     @classmethod
     def load(cls, directory: str | os.PathLike[str]) -> MedusaHeads:
@@ -135,17 +148,6 @@ class MedusaHeads(nn.Module):
         if "medusa_num_heads" in raw:
             return _load_published(path, raw)
         raise HeadsError(f"{config_file} describes neither medusa-engine nor Medusa heads")
-
-
-def _atomic_write(dest: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=dest.name + ".", dir=dest.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _read_weights(file: Path) -> dict[str, torch.Tensor]:

@@ -50,8 +50,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from attention.precision import DynamicLossScaler, autocast, get_policy
+from medusa_engine.atomic import atomic_write
 from medusa_engine.config import HeadsConfig
-from medusa_engine.heads import MedusaHeads, _atomic_write
+from medusa_engine.heads import MedusaHeads
 from medusa_engine.train_data import Example
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,7 @@ class TrainConfig:
     num_heads: int = 4
     num_layers: int = 1
     shared_lm_head: bool = True
+    out_map: bool = True  # HeadsConfig.out_map: lets shared-LM-head heads cancel the hidden state
     decay: float = 0.8  # λ: head k's loss weight is λ^k
     distill_weight: float = 0.0  # w: weight of the KL to the base model's distribution
     lr: float = 1e-3
@@ -209,7 +211,8 @@ def batch_order(n: int, batch: int, epoch: int, seed: int) -> list[list[int]]:
 
 def make_heads(model: Any, cfg: TrainConfig) -> MedusaHeads:
     heads = MedusaHeads(HeadsConfig(cfg.num_heads, cfg.num_layers, model.hidden_size,
-                                    model.vocab_size, cfg.shared_lm_head, model.name))  # fmt: skip
+                                    model.vocab_size, cfg.shared_lm_head, model.name,
+                                    cfg.out_map))  # fmt: skip
     heads.init_from_base(model.lm_head.weight.float())
     return heads
 
@@ -240,7 +243,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """torch.save `state` to a temp file beside `path`, then rename it over `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, lambda p: torch.save(state, p))
+    atomic_write(path, lambda p: torch.save(state, p))
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -409,9 +412,12 @@ def add_arguments(p: Any) -> None:
                    help="plain text + --self-distill: continue the first N tokens")  # fmt: skip
     for name, value in asdict(d).items():
         flag = "--" + name.replace("_", "-")
-        if isinstance(value, bool):  # shared_lm_head: default on
+        if name == "shared_lm_head":  # default on
             p.add_argument("--own-lm-head", dest=name, action="store_false",
                            help="give each head its own vocabulary projection (published format)")  # fmt: skip
+        elif name == "out_map":  # default on
+            p.add_argument("--no-out-map", dest=name, action="store_false",
+                           help="no residual linear map after the blocks (HeadsConfig.out_map)")  # fmt: skip
         elif name == "precision":
             p.add_argument(flag, default=value, choices=["fp32", "bf16", "fp16"])
         else:
@@ -511,7 +517,7 @@ def run(args: Any) -> int:
     }  # fmt: skip
     result.heads.save(out)
     text = json.dumps(summary, indent=2) + "\n"
-    _atomic_write(out / "metrics.json", lambda p: p.write_text(text))
+    atomic_write(out / "metrics.json", lambda p: p.write_text(text))
     print(f"base LM top-1 {metrics['base_top1']:.3f} on {len(eval_ex)} held-out examples")
     for h in metrics["heads"]:
         print(

@@ -24,8 +24,6 @@ import hashlib
 import heapq
 import json
 import logging
-import os
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -34,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from medusa_engine.atomic import atomic_write
 from medusa_engine.generate import MedusaGenerator
 from medusa_engine.hf_adapter import HFModel
 from medusa_engine.models import ASSETS, cache_dir
@@ -61,11 +60,7 @@ class TunedTree:
         return self.predicted_tau / self.step_ms
 
     def save(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
-        with os.fdopen(fd, "w") as f:
-            json.dump(asdict(self), f, indent=1)
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: tmp.write_text(json.dumps(asdict(self), indent=1)))
 
     @classmethod
     def load(cls, path: Path) -> TunedTree:

@@ -99,3 +99,16 @@ def test_bad_folders_are_clear_errors(tmp_path):
     save_file({"blocks.0.0.linear.weight": torch.zeros(E, E)}, str(tmp_path / "heads.safetensors"))
     with pytest.raises(HeadsError, match="do not match"):
         MedusaHeads.load(tmp_path)
+
+
+def test_out_map_starts_as_the_identity_and_can_cancel_the_hidden_state(tmp_path):
+    heads = MedusaHeads(HeadsConfig(2, 1, E, V, out_map=True))
+    x = torch.randn(3, E)
+    torch.testing.assert_close(heads.hidden(x), x[:, None].expand(3, 2, E))  # identity at init
+    with torch.no_grad():
+        heads.blocks[0][-1].linear.weight.copy_(-torch.eye(E))  # x + U x with U = -I is 0
+    assert heads.hidden(x)[:, 0].abs().max() < 1e-6
+    heads.save(tmp_path / "h")
+    loaded = MedusaHeads.load(tmp_path / "h")
+    assert loaded.config.out_map
+    torch.testing.assert_close(loaded.hidden(x), heads.hidden(x))
