@@ -168,14 +168,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
     tokenizer = engine.model.tokenizer
     prompt_ids = encode_prompt(tokenizer, args.prompt, args.raw)
     result = GenerationResult()
-    stream = engine.stream(prompt_ids, args.max_new_tokens, result=result)
+
+    def text_of(token_ids: list[int]) -> str:
+        """The reply so far, cut before the first stop string."""
+        text = tokenizer.decode(token_ids, skip_special_tokens=True)
+        cuts = [text.find(s) for s in args.stop if s in text]
+        return text[: min(cuts)] if cuts else text
+
+    stop = (lambda out: any(s in tokenizer.decode(out, skip_special_tokens=True) for s in args.stop)
+            ) if args.stop else None  # fmt: skip
+    stream = engine.stream(prompt_ids, args.max_new_tokens, result=result, stop=stop)
     if args.json:
         for _ in stream:
             pass
     else:
         printed = ""
         for _ in stream:  # re-decode the whole reply so multi-token characters print correctly
-            text = tokenizer.decode(result.token_ids, skip_special_tokens=True)
+            text = text_of(result.token_ids)
             sys.stdout.write(text[len(printed) :])
             sys.stdout.flush()
             printed = text
@@ -183,7 +192,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(summary_line(result), file=sys.stderr)
         return 0
     print(json.dumps({
-        "text": tokenizer.decode(result.token_ids, skip_special_tokens=True),
+        "text": text_of(result.token_ids),
         "token_ids": result.token_ids,
         "new_tokens": len(result.token_ids),
         "steps": result.steps,
@@ -225,6 +234,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--raw", action="store_true", help="do not apply the chat template")
     gen.add_argument("--json", action="store_true", help="print one JSON object")
+    gen.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="stop when the reply contains TEXT (repeatable); the text is cut there",
+    )
     gen.set_defaults(func=cmd_generate)
     tune_p = sub.add_parser("tune-tree", help="choose the tree for this machine, model and heads")
     add_model_args(tune_p)

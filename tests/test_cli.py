@@ -85,3 +85,12 @@ def test_invalid_tree_file_and_mismatched_heads(capsys, tmp_path):
     code, _, err = run(capsys, "generate", "--model", "stories260k", "--prompt", "hi",
                        "--heads", str(tmp_path / "big"))  # fmt: skip
     assert code == 2 and "expect hidden size 576" in err and err.count("\n") == 1
+
+
+def test_stop_string_ends_the_reply(capsys):
+    code, out, _ = run(capsys, "generate", "--model", "stories260k", "--prompt", "Once upon a time",
+                       "--heads", "none", "--stop", "Lily", "--json")  # fmt: skip
+    record = json.loads(out)
+    assert code == 0 and record["finish_reason"] == "stop"
+    assert record["text"] == ", there was a little girl named "
+    assert record["new_tokens"] < 20
