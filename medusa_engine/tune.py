@@ -72,7 +72,7 @@ class TunedTree:
 # ---- 1. latency ---------------------------------------------------------------------------------
 
 
-def _synthetic_tree(nodes: int, num_heads: int, top_k: int = 10) -> TreeBuffers:
+def synthetic_tree(nodes: int, num_heads: int, top_k: int = 10) -> TreeBuffers:
     """Some valid tree of exactly `nodes` nodes (for timing: latency depends on size, not shape)."""
     paths: list[TreePath] = []
     frontier: list[TreePath] = [()]
@@ -115,7 +115,7 @@ def measure_latency(
         for size in sizes:
             if size > 1 and heads == 0:
                 break
-            engine.tree = _synthetic_tree(size, max(heads, 1)).to(model.device)
+            engine.tree = synthetic_tree(size, max(heads, 1)).to(model.device)
             times = []
             for i in range(repeats + 1):
                 start = time.perf_counter()

@@ -144,3 +144,17 @@ def test_bench_end_to_end_on_stories260k(capsys, tmp_path):
         assert sum(choice["accept_lengths"]) >= 15  # the prefill's token is not a step
     md = (out / "summary.md").read_text()
     assert "| medusa |" in md and "tree_sweep.png" in md
+
+
+def test_step_benchmark_smoke_on_cpu(capsys):
+    from eval import bench_step
+
+    code = bench_step.main(["--preset", "tiny", "--dtype", "fp32", "--device", "cpu", "--prefix",
+                            "32", "--sizes", "1,16", "--repeats", "2",
+                            "--methods", "hf-eager,engine-sdpa"])  # fmt: skip
+    out = capsys.readouterr().out.strip().splitlines()
+    summary = json.loads(out[-1])
+    assert code == 0 and summary["benchmark"] == "step_latency"
+    for method in ("hf-eager", "engine-sdpa"):
+        row = summary["ms_per_step"][method]
+        assert "error" not in row and all(row[s] > 0 for s in ("1", "16")), row

@@ -1,0 +1,196 @@
+"""Per-step latency of plain decoding vs tree verification, for HF and the engine, in one run.
+
+Meant for a GPU session (a 7B Llama shape with random bf16 weights), smoke-tested on the CPU with
+the `tiny` preset. For each way of running the base model it times one decode step over a cache
+of `--prefix` tokens, with 1 new token (plain decoding) and with trees of 16/32/64 nodes:
+
+* `hf-eager`: transformers' own attention over a `DynamicCache`, tree as a 4D mask (our adapter's
+  `attention="hf"` path, i.e. what HF assisted generation does);
+* `hf-static-compiled`: transformers' `StaticCache` with the forward under
+  `torch.compile(mode="reduce-overhead")` (CUDA graphs) - failures are reported, not hidden;
+* `engine-<backend>`: the engine's full verification step (`MedusaGenerator._step`: heads,
+  candidates, forward, acceptance, compaction) on our attention backend over the static cache.
+
+Warm-up, device synchronisation, median of `--repeats`; prints a table, then one JSON line.
+
+    python -m eval.bench_step --preset 7b --dtype bf16 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+               num_attention_heads=32, num_key_value_heads=32, vocab_size=32000),
+    "160m": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                 num_attention_heads=12, num_key_value_heads=12, vocab_size=32000),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, vocab_size=512),
+}  # fmt: skip
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _timed(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
+    """Median milliseconds of `fn` after two warm-up calls."""
+    times = []
+    for i in range(repeats + 2):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= 2:
+            times.append(1000 * (time.perf_counter() - start))
+    return statistics.median(times)
+
+
+def _random_model(preset: str, dtype: torch.dtype, device: torch.device):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**PRESETS[preset], max_position_embeddings=4096)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model: Any = LlamaForCausalLM(config)
+    return model.to(dtype).eval()
+
+
+def bench_engine(model_hf, attention: str, sizes: Sequence[int], prefix: int, repeats: int,
+                 out: dict) -> None:  # fmt: skip
+    """Time the engine's verification step (all of it) for each tree size."""
+    from medusa_engine.config import HeadsConfig
+    from medusa_engine.generate import MedusaGenerator
+    from medusa_engine.heads import MedusaHeads
+    from medusa_engine.hf_adapter import HFModel
+    from medusa_engine.tune import synthetic_tree
+
+    model = HFModel(model_hf, name="random", attention=attention)
+    heads = MedusaHeads(HeadsConfig(4, 1, model.hidden_size, model.vocab_size))
+    engine = MedusaGenerator(model, heads, "plain")
+    ids = torch.randint(3, model.vocab_size, (prefix,), generator=torch.Generator().manual_seed(0))
+    session = model.new_session(capacity=prefix + max(sizes) + 8)
+    hidden_E, root = engine._prefill(ids.tolist(), session)
+    for size in sizes:
+        engine.tree = synthetic_tree(size, 4).to(model.device)
+
+        def step() -> None:
+            engine._step(hidden_E, root, session)
+            model.keep(session, 0, None, prefix)
+            del session.token_ids[prefix:]
+
+        out[size] = _timed(step, model.device, repeats)
+    model_hf.get_decoder().set_attn_implementation("sdpa")  # give the model back as it came
+
+
+def bench_hf_static(model_hf, sizes: Sequence[int], prefix: int, repeats: int, out: dict) -> None:
+    """transformers' StaticCache + compiled forward (CUDA graphs); each size is its own graph."""
+    from transformers import StaticCache
+
+    device = model_hf.device
+    cache = StaticCache(config=model_hf.config, max_cache_len=prefix + max(sizes) + 8)
+    ids = torch.randint(3, model_hf.config.vocab_size, (1, prefix), device=device)
+    with torch.inference_mode():
+        model_hf(input_ids=ids, past_key_values=cache, use_cache=True)
+    compiled = torch.compile(model_hf.forward, mode="reduce-overhead", fullgraph=False)
+    for size in sizes:
+        tokens = torch.randint(3, model_hf.config.vocab_size, (1, size), device=device)
+        positions = torch.arange(prefix, prefix + size, device=device)[None]
+
+        def call(t: torch.Tensor = tokens, p: torch.Tensor = positions, n: int = size) -> object:
+            return compiled(input_ids=t, position_ids=p, cache_position=p[0],
+                            past_key_values=cache, use_cache=True, logits_to_keep=n)  # fmt: skip
+
+        try:
+            with torch.inference_mode():
+                out[size] = _timed(call, device, repeats)
+        except Exception as err:  # noqa: BLE001 - report the failure in the table, keep going
+            out[size] = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:120]}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default="7b", choices=list(PRESETS))
+    p.add_argument("--dtype", default="bf16", choices=list(DTYPES))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--prefix", type=int, default=512, help="tokens already in the cache")
+    p.add_argument("--sizes", default="1,16,32,64", help="tree sizes (1 = plain decoding)")
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--methods", default="hf-eager,hf-static-compiled,engine-sdpa,engine-triton")
+    args = p.parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    device = torch.device(args.device)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    model_hf = _random_model(args.preset, DTYPES[args.dtype], device)
+    results: dict[str, dict[Any, Any]] = {}
+    for method in args.methods.split(","):
+        row: dict[Any, Any] = {}
+        results[method] = row
+        try:
+            if method == "hf-eager":
+                bench_engine_forward_only(model_hf, sizes, args.prefix, args.repeats, row)
+            elif method == "hf-static-compiled":
+                bench_hf_static(model_hf, sizes, args.prefix, args.repeats, row)
+            elif method.startswith("engine-"):
+                bench_engine(model_hf, method.removeprefix("engine-"), sizes, args.prefix,
+                             args.repeats, row)  # fmt: skip
+            else:
+                raise ValueError(f"unknown method {method!r}")
+        except Exception as err:  # noqa: BLE001
+            row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
+        print(f"{method} done", file=sys.stderr, flush=True)
+
+    print(f"{'method':<22}" + "".join(f"{f'{s} nodes':>12}" for s in sizes) + "   (ms per step)")
+    for method, row in results.items():
+        cells = [row.get(s) for s in sizes]
+        text = [f"{c:>12.2f}" if isinstance(c, float) else f"{'-':>12}" for c in cells]
+        print(f"{method:<22}" + "".join(text) + (f"   {row['error']}" if "error" in row else ""))
+    summary = {
+        "benchmark": "step_latency", "preset": args.preset, "dtype": args.dtype,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine(),
+        "prefix": args.prefix, "torch": torch.__version__,
+        "transformers": __import__("transformers").__version__,
+        "ms_per_step": {m: {str(k): v for k, v in r.items()} for m, r in results.items()},
+    }  # fmt: skip
+    print(json.dumps(summary))
+    return 0
+
+
+def bench_engine_forward_only(model_hf, sizes: Sequence[int], prefix: int, repeats: int,
+                              out: dict) -> None:  # fmt: skip
+    """HF's own attention over a DynamicCache: one forward + logits of a tree of each size."""
+    from medusa_engine.hf_adapter import HFModel
+    from medusa_engine.tune import synthetic_tree
+
+    model = HFModel(model_hf, name="random", attention="hf")
+    ids = torch.randint(3, model.vocab_size, (prefix,), device=model.device)
+    session = model.new_session()
+    model.forward(ids, torch.arange(prefix, device=model.device), session)
+    session.token_ids.extend(ids.tolist())
+    for size in sizes:
+        tree = synthetic_tree(size, 4).to(model.device)
+        tokens = torch.randint(3, model.vocab_size, (size,), device=model.device)
+
+        def step(t=tree, x=tokens) -> None:
+            hidden = model.forward(
+                x, t.depth_N + prefix, session, t.mask_NN if t.num_nodes > 1 else None
+            )
+            model.logits(hidden)
+            model.keep(session, 0, None, prefix)
+
+        out[size] = _timed(step, model.device, repeats)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
