@@ -163,7 +163,6 @@ class MedusaGenerator:
         """
         result = result if result is not None else GenerationResult()
         eos = set(self.model.eos_token_ids if eos_token_ids is None else eos_token_ids)
-        session = session if session is not None else self.model.new_session()
         prompt = [int(t) for t in prompt_ids]
         if not prompt:
             raise ValueError("the prompt is empty: give at least one token")
@@ -171,6 +170,11 @@ class MedusaGenerator:
         if max_new_tokens <= 0:
             result.finish_reason = "length"
             return
+        # A static cache is sized for this request (prompt + budget + one tree), not the context.
+        needed = min(len(prompt) + max_new_tokens + self.tree.num_nodes, self.model.max_context)
+        if session is None:
+            session = self.model.new_session(needed)
+        self.model.reserve(session, needed)
 
         start = time.perf_counter()
         hidden_E, token = self._prefill(prompt, session)
