@@ -227,7 +227,12 @@ def _add_lazy_arguments(parser: argparse.ArgumentParser, module: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medusa-engine", description=__doc__.split("\n")[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="log at INFO level; show tracebacks instead of one-line errors",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="generate a reply to one prompt")
     add_model_args(gen)
@@ -269,6 +274,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except _user_errors() as err:
+        if args.verbose:  # -v: the full traceback, for bug reports
+            raise
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         print(f"medusa-engine: error: {message}", file=sys.stderr)
         return EXIT_USAGE
