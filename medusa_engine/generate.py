@@ -242,10 +242,13 @@ class MedusaGenerator:
         )
         logits_NV = self.model.logits(hidden_NE)
         decision = accept(logits_NV, candidates_PL, tree.paths_PL, self.sampling, self.generator)
-        best, accepted, next_token = decision.tolist()  # the step's one host sync
-        path = tree.paths_PL[best, : accepted + 1]
-        kept = candidates_PL[best, : accepted + 1].tolist()
-        self.model.keep(session, past, path.tolist(), past + accepted + 1)
+        # The best path's nodes and tokens travel with the decision: the step's one host sync.
+        best = decision[0]
+        row = torch.cat([decision[1:], tree.paths_PL[best], candidates_PL[best]]).tolist()
+        accepted, next_token, width = row[0], row[1], tree.paths_PL.shape[1]
+        path = row[2 : 3 + accepted]
+        kept = row[2 + width : 3 + width + accepted]
+        self.model.keep(session, past, path, past + accepted + 1)
         session.token_ids.extend(kept)
         return hidden_NE[path[-1]], next_token, kept[1:] + [next_token]
 
