@@ -81,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from medusa_engine.cli import encode_prompt
     from medusa_engine.config import HeadsConfig
     from medusa_engine.generate import MedusaGenerator
-    from medusa_engine.heads import MedusaHeads
+    from medusa_engine.heads import MedusaHeads, load_heads
     from medusa_engine.hf_adapter import HFModel, quiet_transformers
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -104,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.attention != "hf":
         model = HFModel.load(args.model, dtype=args.dtype, attention=args.attention)
     if args.heads:
-        heads = MedusaHeads.load(args.heads)
+        heads = load_heads(args.heads)
     else:
         torch.manual_seed(0)
         heads = MedusaHeads(HeadsConfig(4, 1, model.hidden_size, model.vocab_size))

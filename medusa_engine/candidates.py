@@ -1,4 +1,4 @@
-"""Turn the root token and the heads' logits into the tree's tokens (pure).
+"""Choose the root token, fill a tree from head logits, list its paths' tokens (pure).
 
 Shape legend: K = heads, V = vocabulary, N = tree nodes incl. the root, P = paths, L = depth + 1.
 """
@@ -23,23 +23,26 @@ def choose_token(
     return torch.multinomial(probs_V, 1, generator=generator)[0]
 
 
-def tree_candidates(
-    root: torch.Tensor, head_logits_KV: torch.Tensor | None, tree: TreeBuffers
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fill the tree: (tree_tokens_N, candidates_PL).
+def fill_tree(
+    root: torch.Tensor, logits_KV: torch.Tensor | None, tree: TreeBuffers
+) -> torch.Tensor:
+    """tree_tokens_N from the root and path-independent head logits (the Medusa rule).
 
     `root` is the 0-d token chosen by the base model; node i takes entry `tree.topk_index_N[i]`
-    of [root, head 0's top-k, head 1's top-k, ...]. `candidates_PL` lists the tokens along each
-    root-to-leaf path, padded with PAD_TOKEN.
+    of [root, head 0's top-k, head 1's top-k, ...].
     """
     root_1 = root.reshape(1)
     if tree.num_nodes == 1:
-        return root_1, root_1.reshape(1, 1)
-    if head_logits_KV is None or head_logits_KV.shape[0] < tree.num_heads:
-        got = 0 if head_logits_KV is None else head_logits_KV.shape[0]
+        return root_1
+    if logits_KV is None or logits_KV.shape[0] < tree.num_heads:
+        got = 0 if logits_KV is None else logits_KV.shape[0]
         raise ValueError(f"tree needs {tree.num_heads} heads, the drafter gave {got}")
-    topk_KT = torch.topk(head_logits_KV[: tree.num_heads], tree.top_k, dim=-1).indices
-    pool = torch.cat([root_1, topk_KT.flatten()])
-    tree_tokens_N = pool[tree.topk_index_N]
+    topk_KR = torch.topk(logits_KV[: tree.num_heads], tree.top_k, dim=-1).indices
+    pool = torch.cat([root_1, topk_KR.flatten()])
+    return pool[tree.topk_index_N]
+
+
+def path_tokens(tree_tokens_N: torch.Tensor, tree: TreeBuffers) -> torch.Tensor:
+    """candidates_PL: the tokens along each root-to-leaf path, padded with PAD_TOKEN."""
     padded = torch.cat([tree_tokens_N, tree_tokens_N.new_full((1,), PAD_TOKEN)])
-    return tree_tokens_N, padded[tree.paths_PL]  # index -1 picks the PAD entry
+    return padded[tree.paths_PL]  # index -1 picks the PAD entry

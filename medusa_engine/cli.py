@@ -74,7 +74,7 @@ def load_engine(args: argparse.Namespace):
     """Model + heads + tree + sampling from parsed flags -> a `MedusaGenerator`."""
     from medusa_engine.config import SamplingConfig
     from medusa_engine.generate import MedusaGenerator
-    from medusa_engine.heads import MedusaHeads
+    from medusa_engine.heads import load_heads
     from medusa_engine.hf_adapter import HFModel, quiet_transformers
     from medusa_engine.models import resolve_model
 
@@ -89,7 +89,7 @@ def load_engine(args: argparse.Namespace):
         heads_dir = source.bundled_heads
     else:
         heads_dir = Path(args.heads)
-    heads = MedusaHeads.load(heads_dir) if heads_dir is not None else None
+    heads = load_heads(heads_dir) if heads_dir is not None else None
     tree = "plain" if args.tree == "auto" else _tree_arg(args.tree)
     quiet_transformers()
     model = HFModel.load(source, dtype=args.dtype, device=args.device, attention=args.attention)

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class HeadsConfig:
-    """K Medusa heads on the base model's last hidden state.
+    """K draft heads on the base model's last hidden state (`kind="medusa"`, described here, or
+    `kind="recurrent"`, described in `recurrent_heads.py`).
 
     Each head is `num_layers` residual blocks `x + SiLU(W x + b)` followed by a vocabulary
     projection: the head's own (`shared_lm_head=False`, the published Medusa format) or the base
@@ -27,11 +28,24 @@ class HeadsConfig:
     shared_lm_head: bool = True
     base_model: str = ""
     out_map: bool = False  # a zero-initialised residual linear map x + U x after the blocks
+    kind: str = "medusa"  # "medusa" (independent heads) or "recurrent" (see recurrent_heads.py)
+    ffn_size: int = 0  # recurrent: width of the transition MLP
+    draft_vocab: int = 0  # recurrent: tokens the heads score (0 = the whole vocabulary)
 
     def __post_init__(self) -> None:
         for name in ("num_heads", "num_layers", "hidden_size", "vocab_size"):
             if getattr(self, name) < (0 if name == "num_layers" else 1):
                 raise ValueError(f"HeadsConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.kind not in HEAD_KINDS:
+            raise ValueError(f"unknown heads kind {self.kind!r}; choose {' or '.join(HEAD_KINDS)}")
+        if self.kind == "recurrent":
+            if self.ffn_size < 1 or not self.shared_lm_head:
+                raise ValueError("recurrent heads need ffn_size >= 1 and the shared LM head")
+            if not 0 <= self.draft_vocab <= self.vocab_size:
+                raise ValueError(f"draft_vocab must be in [0, vocab_size], got {self.draft_vocab}")
+
+
+HEAD_KINDS = ("medusa", "recurrent")
 
 
 @dataclass(frozen=True)

@@ -4,9 +4,8 @@ Shape legend: E = hidden size, V = vocabulary, K = heads, N = tree nodes, P = pa
 
 Token ids in, token ids out: this module knows nothing about text. One step (Medusa, Alg. 1):
 
-1. the drafter (Medusa heads) turns the hidden state of the last kept token into logits_KV;
-2. `tree_candidates` fills the tree: the root is the base model's own next token, deeper nodes the
-   heads' top-k;
+1-2. the drafter fills the tree from the hidden state of the last kept token: the root is the
+   base model's own next token, deeper nodes the heads' top-k (`drafters.py`);
 3. one forward of the base model verifies all N nodes (tree mask + position ids over the cache);
 4. the acceptance rule keeps the longest valid prefix of one path, plus the base model's next
    token after it (the bonus token, the next root);
@@ -21,43 +20,20 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import torch
 
 from medusa_engine.acceptance import accept
-from medusa_engine.candidates import choose_token, tree_candidates
+from medusa_engine.candidates import choose_token, path_tokens
 from medusa_engine.config import SamplingConfig
-from medusa_engine.heads import MedusaHeads
+from medusa_engine.drafters import Drafter, make_drafter
+from medusa_engine.heads import AnyHeads, MedusaHeads
 from medusa_engine.hf_adapter import HFModel, KVSession
+from medusa_engine.recurrent_heads import RecurrentHeads
 from medusa_engine.tree import TreeBuffers, build_tree, tree_from_name
 from medusa_engine.trees import DEFAULT_TREE
 
 log = logging.getLogger(__name__)
-
-
-class Drafter(Protocol):
-    """Anything that proposes K tokens' logits from the last kept hidden state."""
-
-    num_heads: int
-
-    def __call__(self, hidden_E: torch.Tensor, token_ids: Sequence[int]) -> torch.Tensor:
-        """logits_KV for the K tokens after the base model's next token."""
-        ...
-
-
-class HeadsDrafter:
-    """Medusa heads as a `Drafter` (the shared LM head, if any, is the base model's)."""
-
-    def __init__(self, heads: MedusaHeads, model: HFModel) -> None:
-        heads.check_compatible(model.hidden_size, model.vocab_size, model.name)
-        self.heads = heads.to(device=model.device, dtype=model.dtype).eval()
-        self.lm_head = model.lm_head
-        self.num_heads = heads.num_heads
-
-    @torch.inference_mode()
-    def __call__(self, hidden_E: torch.Tensor, token_ids: Sequence[int]) -> torch.Tensor:
-        return self.heads(hidden_E[None], self.lm_head)[0]
 
 
 @dataclass
@@ -93,13 +69,15 @@ class MedusaGenerator:
     def __init__(
         self,
         model: HFModel,
-        heads: MedusaHeads | Drafter | None = None,
+        heads: AnyHeads | Drafter | None = None,
         tree: TreeBuffers | str | Sequence[Sequence[int]] = DEFAULT_TREE,
         sampling: SamplingConfig | None = None,
     ) -> None:
         self.model = model
         self.drafter: Drafter | None = (
-            HeadsDrafter(heads, model) if isinstance(heads, MedusaHeads) else heads
+            make_drafter(heads, model)
+            if isinstance(heads, (MedusaHeads, RecurrentHeads))
+            else heads
         )
         self.set_tree(tree)
         self.plain_tree = build_tree([], 0).to(model.device)
@@ -230,10 +208,11 @@ class MedusaGenerator:
         if past + tree.max_depth + 1 > self.model.max_context:
             tree = self.plain_tree  # near the end of the context, finish one token at a time
         root_t = torch.tensor(root, device=self.model.device)
-        head_logits_KV = None
         if tree.num_nodes > 1 and self.drafter is not None:
-            head_logits_KV = self.drafter(hidden_E, session.token_ids)
-        tree_tokens_N, candidates_PL = tree_candidates(root_t, head_logits_KV, tree)
+            tree_tokens_N = self.drafter.draft(hidden_E, root_t, tree, session.token_ids)
+        else:
+            tree_tokens_N = root_t.reshape(1)
+        candidates_PL = path_tokens(tree_tokens_N, tree)
         hidden_NE = self.model.forward(
             tree_tokens_N,
             tree.depth_N + past,

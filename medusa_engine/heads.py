@@ -28,6 +28,7 @@ from torch import nn
 
 from medusa_engine.atomic import atomic_write
 from medusa_engine.config import HeadsConfig
+from medusa_engine.recurrent_heads import RecurrentHeads
 
 FORMAT = "medusa-engine"
 WEIGHTS = "heads.safetensors"
@@ -121,33 +122,49 @@ class MedusaHeads(nn.Module):
 
     def save(self, directory: str | os.PathLike[str]) -> None:
         """Write `config.json` + `heads.safetensors`, each atomically (temp file + rename)."""
-        from safetensors.torch import save_file
-
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        atomic_write(out / WEIGHTS, lambda p: save_file(state, str(p), metadata={"format": FORMAT}))
-        cfg = {"format": FORMAT, **self.config.__dict__}
-        atomic_write(out / "config.json", lambda p: p.write_text(json.dumps(cfg, indent=2) + "\n"))
+        save_heads(self, directory)
 
     @classmethod
     def load(cls, directory: str | os.PathLike[str]) -> MedusaHeads:
-        """Load heads in our format or the published FasterDecoding/Medusa format."""
-        path = Path(directory)
-        if not path.is_dir():
-            raise HeadsError(f"heads folder not found: {path}")
-        config_file = path / "config.json"
-        if not config_file.is_file():
-            raise HeadsError(f"{path} has no config.json: not a heads folder")
-        try:
-            raw = json.loads(config_file.read_text())
-        except json.JSONDecodeError as err:
-            raise HeadsError(f"{config_file} is not valid JSON: {err}") from None
-        if raw.get("format") == FORMAT:
-            return _load_ours(path, raw)
-        if "medusa_num_heads" in raw:
-            return _load_published(path, raw)
-        raise HeadsError(f"{config_file} describes neither medusa-engine nor Medusa heads")
+        """Load Medusa heads in our format or the published FasterDecoding/Medusa format."""
+        heads = load_heads(directory)
+        if not isinstance(heads, MedusaHeads):
+            raise HeadsError(f"{directory} holds {heads.config.kind} heads, not Medusa heads")
+        return heads
+
+
+AnyHeads = MedusaHeads | RecurrentHeads
+
+
+def save_heads(heads: AnyHeads, directory: str | os.PathLike[str]) -> None:
+    """Write `config.json` + `heads.safetensors`, each atomically (temp file + rename)."""
+    from safetensors.torch import save_file
+
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in heads.state_dict().items()}
+    atomic_write(out / WEIGHTS, lambda p: save_file(state, str(p), metadata={"format": FORMAT}))
+    cfg = {"format": FORMAT, **heads.config.__dict__}
+    atomic_write(out / "config.json", lambda p: p.write_text(json.dumps(cfg, indent=2) + "\n"))
+
+
+def load_heads(directory: str | os.PathLike[str]) -> AnyHeads:
+    """Heads of any kind in our format, or Medusa heads in the published format."""
+    path = Path(directory)
+    if not path.is_dir():
+        raise HeadsError(f"heads folder not found: {path}")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise HeadsError(f"{path} has no config.json: not a heads folder")
+    try:
+        raw = json.loads(config_file.read_text())
+    except json.JSONDecodeError as err:
+        raise HeadsError(f"{config_file} is not valid JSON: {err}") from None
+    if raw.get("format") == FORMAT:
+        return _load_ours(path, raw)
+    if "medusa_num_heads" in raw:
+        return _load_published(path, raw)
+    raise HeadsError(f"{config_file} describes neither medusa-engine nor Medusa heads")
 
 
 def _read_weights(file: Path) -> dict[str, torch.Tensor]:
@@ -158,10 +175,11 @@ def _read_weights(file: Path) -> dict[str, torch.Tensor]:
     return torch.load(file, map_location="cpu", weights_only=True)
 
 
-def _load_ours(path: Path, raw: dict) -> MedusaHeads:
+def _load_ours(path: Path, raw: dict) -> AnyHeads:
     fields = {k: raw[k] for k in HeadsConfig.__dataclass_fields__ if k in raw}
     try:
-        heads = MedusaHeads(HeadsConfig(**fields))
+        config = HeadsConfig(**fields)
+        heads = RecurrentHeads(config) if config.kind == "recurrent" else MedusaHeads(config)
     except (TypeError, ValueError) as err:
         raise HeadsError(f"{path / 'config.json'}: {err}") from None
     file = path / WEIGHTS
@@ -202,7 +220,7 @@ def _load_published(path: Path, raw: dict) -> MedusaHeads:
     return heads
 
 
-def _load_state(heads: MedusaHeads, state: dict[str, torch.Tensor], file: Path) -> None:
+def _load_state(heads: AnyHeads, state: dict[str, torch.Tensor], file: Path) -> None:
     expected = heads.state_dict()
     missing = sorted(set(expected) - set(state))
     extra = sorted(set(state) - set(expected))

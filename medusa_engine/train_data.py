@@ -41,6 +41,7 @@ class Example:
 
     ids: list[int]
     start: int
+    record: int = -1  # index of the record (prompt) it came from
 
 
 def load_records(data: str, split: str = "train") -> Any:
@@ -154,13 +155,13 @@ def encode_dataset(tokenizer: Any, records: Any, max_length: int) -> list[Exampl
     """All trainable examples, in record order (self-distilled records carry their own ids)."""
     if "input_ids" in records.column_names and "prompt_len" in records.column_names:
         return [
-            Example(list(r["input_ids"])[:max_length], int(r["prompt_len"]))
+            Example(list(r["input_ids"])[:max_length], int(r["prompt_len"]), int(r["prompt_index"]))
             for r in records
             if min(len(r["input_ids"]), max_length) - max(int(r["prompt_len"]), 2) >= 1
         ]
     kind = record_kind(records.column_names)
     out = [encode_record(tokenizer, r, kind, max_length) for r in records]
-    examples = [e for e in out if e is not None]
+    examples = [Example(e.ids, e.start, i) for i, e in enumerate(out) if e is not None]
     if not examples:
         raise TrainDataError(f"no trainable examples (max length {max_length}, kind {kind})")
     log.info("%d %s examples (%d skipped)", len(examples), kind, len(out) - len(examples))

@@ -51,8 +51,8 @@ from torch.utils.checkpoint import checkpoint
 
 from attention.precision import DynamicLossScaler, autocast, get_policy
 from medusa_engine.atomic import atomic_write
-from medusa_engine.config import HeadsConfig
-from medusa_engine.heads import MedusaHeads
+from medusa_engine.config import HEAD_KINDS, HeadsConfig
+from medusa_engine.heads import AnyHeads, MedusaHeads
 from medusa_engine.train_data import Example
 
 log = logging.getLogger(__name__)
@@ -84,11 +84,17 @@ class TrainConfig:
     loss_chunk: int = 4096
     checkpoint_every: int = 100
     seed: int = 0
+    kind: str = "medusa"  # or "recurrent" (train_recurrent.py: cached features, one transition)
+    ffn_size: int = 2048  # recurrent: transition width
+    draft_vocab: int = 8192  # recurrent: tokens the heads score (0 = all)
+    feature_weight: float = 1.0  # recurrent: β, weight of the hidden-state regression
 
     def __post_init__(self) -> None:
         get_policy(self.precision)
         if not 0 < self.decay <= 1 or not 0 <= self.distill_weight <= 1:
             raise ValueError("decay must be in (0, 1] and distill_weight in [0, 1]")
+        if self.kind not in HEAD_KINDS:
+            raise ValueError(f"unknown heads kind {self.kind!r}; choose {' or '.join(HEAD_KINDS)}")
         for name in ("num_heads", "batch_size", "max_length", "loss_chunk", "epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -96,7 +102,7 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
-    heads: MedusaHeads
+    heads: AnyHeads
     losses: list[float] = field(default_factory=list)  # per step, of the steps run in this call
     step: int = 0
     wall_s: float = 0.0
@@ -402,6 +408,10 @@ def add_arguments(p: Any) -> None:
         "--checkpoint", default=None, help="training state file (default OUT/train_state.pt)"
     )  # noqa: E501
     p.add_argument("--resume", action="store_true", help="continue from --checkpoint if present")
+    p.add_argument("--with-reference-answers", action="store_true",
+                   help="--kind recurrent + --self-distill: also train on the data's own answers")  # fmt: skip
+    p.add_argument("--features-cache", default=None,
+                   help="--kind recurrent: cached base features (default beside --checkpoint)")  # fmt: skip
     p.add_argument("--self-distill", action="store_true",
                    help="train on the base model's own answers to the data's prompts")  # fmt: skip
     p.add_argument("--distill-cache", default=None, help="default runs/self_distill/<model>-<data>")  # noqa: E501
@@ -420,6 +430,10 @@ def add_arguments(p: Any) -> None:
                            help="no residual linear map after the blocks (HeadsConfig.out_map)")  # fmt: skip
         elif name == "precision":
             p.add_argument(flag, default=value, choices=["fp32", "bf16", "fp16"])
+        elif name == "kind":
+            p.add_argument(flag, default=value, choices=list(HEAD_KINDS),
+                           help="medusa: independent heads; recurrent: heads that read the "
+                                "drafted tokens (recurrent_heads.py)")  # fmt: skip
         else:
             p.add_argument(flag, type=type(value), default=value)
 
@@ -469,6 +483,47 @@ def _distilled(model: Any, records: Any, args: Any, acc: Any) -> Any:
     return data
 
 
+def _reference_examples(model, records, eval_ex, args, cfg) -> list[Example]:
+    """The records' own answers (prompts of held-out examples excluded), for `--kind recurrent`:
+    its targets are the base model's choices, so any answer text is valid training context."""
+    from medusa_engine.train_data import encode_dataset, record_kind
+
+    if cfg.kind != "recurrent" or not args.self_distill:
+        raise TrainError("--with-reference-answers needs --kind recurrent and --self-distill")
+    if record_kind(records.column_names) == "text":
+        raise TrainError("--with-reference-answers needs instruction records (they have answers)")
+    held_out = {e.record for e in eval_ex}
+    keep = [i for i in range(len(records)) if i not in held_out]
+    return encode_dataset(model.tokenizer, records.select(keep), cfg.max_length)
+
+
+def _run_recurrent(model, train_ex, eval_ex, cfg, ckpt, args, acc, on_step) -> Any:
+    """Features (cached) -> `train_recurrent` -> held-out accuracy, for `--kind recurrent`."""
+    from tqdm import tqdm
+
+    from medusa_engine import train_recurrent as tr
+
+    examples = train_ex + eval_ex
+    path = (
+        Path(args.features_cache) if args.features_cache else ckpt.with_name("features.safetensors")
+    )
+    key = tr.features_key(model.name, examples)
+    features = tr.load_features(path, key)
+    if features is None:
+        bar = tqdm(total=len(examples), desc="features", disable=not acc.is_main_process)
+        with torch.no_grad(), autocast(get_policy(cfg.precision), model.device):
+            features = tr.compute_features(model, examples, cfg.num_heads, 8,
+                                           progress=bar.update)  # fmt: skip
+        bar.close()
+        if acc.is_main_process:
+            tr.save_features(path, features, key)
+    train_pos = features.select(torch.arange(len(train_ex)))
+    eval_pos = features.select(torch.arange(len(train_ex), len(examples)))
+    result = tr.train_recurrent(model, features, train_pos, cfg, ckpt, args.resume, acc, on_step)
+    metrics = tr.evaluate_recurrent(model, result.heads, features, eval_pos)
+    return result, metrics
+
+
 def run(args: Any) -> int:
     """`train-heads`: data -> (self-distill) -> train -> held-out accuracy -> heads + metrics."""
     import json
@@ -489,11 +544,14 @@ def run(args: Any) -> int:
     acc = Accelerator(cpu=args.device == "cpu")
     quiet_transformers()
     model = HFModel.load(args.model, dtype=args.dtype, device=args.device or acc.device)
+    originals = records
     if args.self_distill:
         records = _distilled(model, records, args, acc)
     train_ex, eval_ex = split_eval(
         encode_dataset(model.tokenizer, records, cfg.max_length), args.eval_fraction
     )
+    if args.with_reference_answers:
+        train_ex += _reference_examples(model, originals, eval_ex, args, cfg)
     ckpt = Path(args.checkpoint) if args.checkpoint else out / "train_state.pt"
     bar = tqdm(desc="train-heads", disable=not acc.is_main_process, dynamic_ncols=True)
 
@@ -502,11 +560,15 @@ def run(args: Any) -> int:
         bar.update(step - bar.n)
         bar.set_postfix(loss=f"{loss:.3f}", top1="/".join(f"{a:.2f}" for a in top1))
 
-    result = train(model, train_ex, cfg, ckpt, args.resume, acc, on_step)
+    if cfg.kind == "recurrent":
+        result, metrics = _run_recurrent(model, train_ex, eval_ex, cfg, ckpt, args, acc, on_step)
+    else:
+        result = train(model, train_ex, cfg, ckpt, args.resume, acc, on_step)
+        metrics = evaluate(model, cast(MedusaHeads, result.heads), eval_ex, cfg.batch_size,
+                           cfg.precision)  # fmt: skip
     bar.close()
     if not acc.is_main_process:
         return 0
-    metrics = evaluate(model, result.heads, eval_ex, cfg.batch_size, cfg.precision)
     losses = result.losses
     summary = {
         "model": model.name, "data": args.data, "train_examples": len(train_ex),

@@ -190,8 +190,8 @@ def head_ranks(
         if last < first:
             continue
         for t in range(first, last + 1):
-            logits_KV = engine.drafter(hidden_TE[t], seq[: t + 1])
-            top_KR = torch.topk(logits_KV, top_k, dim=-1).indices
+            path_K = seq[t + 1 : t + 1 + k_heads]  # the root, then the true tokens
+            top_KR = engine.drafter.path_topk(hidden_TE[t], path_K, seq[: t + 1], top_k)
             truth_K = torch.tensor(seq[t + 2 : t + 2 + k_heads], device=top_KR.device)
             hit_KR = top_KR == truth_K[:, None]
             rank_K = torch.where(hit_KR.any(-1), hit_KR.int().argmax(-1), top_k)

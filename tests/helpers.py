@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from medusa_engine.config import HeadsConfig
+from medusa_engine.drafters import LogitsDrafter
 from medusa_engine.heads import MedusaHeads
 
 
@@ -25,7 +26,7 @@ def random_heads(model=None, num_heads: int = 4, seed: int = 0, *, hidden: int =
     return heads
 
 
-class OracleDrafter:
+class OracleDrafter(LogitsDrafter):
     """Proposes the reference continuation (or, adversarially, anything but it).
 
     The session holds the prompt and every emitted token but the last (the current root), so
@@ -39,7 +40,7 @@ class OracleDrafter:
         self.adversarial, self.truth_rank = adversarial, truth_rank
         self.gen = torch.Generator().manual_seed(0)
 
-    def __call__(self, hidden_E: torch.Tensor, token_ids: Sequence[int]) -> torch.Tensor:
+    def logits(self, hidden_E: torch.Tensor, token_ids: Sequence[int]) -> torch.Tensor:
         done = len(token_ids) - self.prompt_len
         logits_KV = torch.rand(self.num_heads, self.vocab, generator=self.gen)
         for k in range(self.num_heads):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from medusa_engine.acceptance import accept_greedy, accept_typical, typical_threshold
-from medusa_engine.candidates import tree_candidates
+from medusa_engine.candidates import fill_tree, path_tokens
 from medusa_engine.config import SamplingConfig
 from medusa_engine.tree import build_tree
 
@@ -89,7 +89,7 @@ def test_typical_tends_to_greedy_as_temperature_goes_to_zero():
         if trial % 2:  # make the heads agree with the base model's argmax somewhere
             heads_KV[0, logits_NV[0].argmax()] = 10.0
         root = logits_NV.new_tensor(0).long()
-        _, candidates_PL = tree_candidates(root, heads_KV, tree)
+        candidates_PL = path_tokens(fill_tree(root, heads_KV, tree), tree)
         greedy = accept_greedy(logits_NV, candidates_PL, tree.paths_PL)
         cold = SamplingConfig(temperature=1e-4)
         typical = accept_typical(logits_NV, candidates_PL, tree.paths_PL, cold, gen)

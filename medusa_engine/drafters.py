@@ -1,0 +1,183 @@
+"""Drafters: what proposes the tree's tokens at each step.
+
+Shape legend: E = hidden size, V = vocabulary, K = heads, N = tree nodes, D = path depth,
+R = top-k ranks, M = draft vocabulary.
+
+A drafter fills a tree (`TreeBuffers`) given the hidden state of the last kept token and the root
+(the base model's own next token). Two kinds:
+
+* `LogitsDrafter` (Medusa heads): one set of logits_KV per step, independent of the tree's
+  tokens; node i takes entry `topk_index_N[i]` of [root, head 0's top-k, head 1's top-k, ...].
+* `RecurrentDrafter`: each node's children come from a state that has read the tokens on the
+  node's path (`recurrent_heads.py`); depth by depth, one batched transition per depth.
+
+`path_topk` is what tree tuning measures: the top-k proposals at each depth when the tree follows
+a given path (the true continuation).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from medusa_engine.candidates import fill_tree
+from medusa_engine.heads import AnyHeads, MedusaHeads
+from medusa_engine.hf_adapter import HFModel
+from medusa_engine.recurrent_heads import RecurrentHeads
+from medusa_engine.tree import TreeBuffers
+
+
+class Drafter(Protocol):
+    num_heads: int
+
+    def draft(
+        self,
+        hidden_E: torch.Tensor,
+        root: torch.Tensor,
+        tree: TreeBuffers,
+        token_ids: Sequence[int],
+    ) -> torch.Tensor:
+        """tree_tokens_N: the root (0-d tensor) at node 0, proposals at the other nodes."""
+        ...
+
+    def path_topk(
+        self, hidden_E: torch.Tensor, path_D: Sequence[int], token_ids: Sequence[int], top_k: int
+    ) -> torch.Tensor:
+        """ids_DR: top-k proposals for depth d + 1 when nodes 0..d hold path_D[0..d]."""
+        ...
+
+
+class LogitsDrafter:
+    """Base of drafters whose logits do not depend on the tree's tokens; define `logits`."""
+
+    num_heads: int
+
+    def logits(self, hidden_E: torch.Tensor, token_ids: Sequence[int]) -> torch.Tensor:
+        """logits_KV for the K tokens after the base model's next token."""
+        raise NotImplementedError
+
+    def draft(
+        self,
+        hidden_E: torch.Tensor,
+        root: torch.Tensor,
+        tree: TreeBuffers,
+        token_ids: Sequence[int],
+    ) -> torch.Tensor:
+        return fill_tree(root, self.logits(hidden_E, token_ids), tree)
+
+    def path_topk(
+        self, hidden_E: torch.Tensor, path_D: Sequence[int], token_ids: Sequence[int], top_k: int
+    ) -> torch.Tensor:
+        return torch.topk(self.logits(hidden_E, token_ids)[: len(path_D)], top_k, dim=-1).indices
+
+
+class HeadsDrafter(LogitsDrafter):
+    """Medusa heads (the shared LM head, if any, is the base model's)."""
+
+    def __init__(self, heads: MedusaHeads, model: HFModel) -> None:
+        heads.check_compatible(model.hidden_size, model.vocab_size, model.name)
+        self.heads = heads.to(device=model.device, dtype=model.dtype).eval()
+        self.lm_head = model.lm_head
+        self.num_heads = heads.num_heads
+
+    @torch.inference_mode()
+    def logits(self, hidden_E: torch.Tensor, token_ids: Sequence[int]) -> torch.Tensor:
+        return self.heads(hidden_E[None], self.lm_head)[0]
+
+
+@dataclass(frozen=True)
+class _DepthPlan:
+    """One depth d of a tree, for the recurrent drafter (tensors on the model's device)."""
+
+    nodes: torch.Tensor  # nodes at depth d with children: they get a state
+    parent_rows: torch.Tensor  # each one's parent among depth d - 1's stateful nodes (0: h_t)
+    children: torch.Tensor  # nodes at depth d + 1
+    slots: torch.Tensor  # each child's entry in the flattened top-k of `nodes`: row * R + rank
+
+
+def _ids(values: list[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.int64, device=device)
+
+
+def depth_plans(tree: TreeBuffers) -> list[_DepthPlan]:
+    """Per depth: which nodes advance a state, from which parent, and where children read."""
+    depth = tree.depth_N.tolist()
+    parent = tree.parent_N.tolist()
+    rank = ((tree.topk_index_N - 1) % tree.top_k).tolist()
+    device = tree.depth_N.device
+    has_children = set(parent[1:])
+    plans, prev_rows = [], {-1: 0}
+    for d in range(tree.max_depth):
+        nodes = [i for i in range(tree.num_nodes) if depth[i] == d and i in has_children]
+        rows = {node: r for r, node in enumerate(nodes)}
+        children = [i for i in range(tree.num_nodes) if depth[i] == d + 1]
+        plans.append(_DepthPlan(
+            nodes=_ids(nodes, device),
+            parent_rows=_ids([prev_rows[parent[i]] for i in nodes], device),
+            children=_ids(children, device),
+            slots=_ids([rows[parent[c]] * tree.top_k + rank[c] for c in children], device),
+        ))  # fmt: skip
+        prev_rows = rows
+    return plans
+
+
+class RecurrentDrafter:
+    """Recurrent heads (`recurrent_heads.py`) over the base model's embedding and LM head."""
+
+    def __init__(self, heads: RecurrentHeads, model: HFModel) -> None:
+        heads.check_compatible(model.hidden_size, model.vocab_size, model.name)
+        self.heads = heads.to(device=model.device, dtype=model.dtype).eval()
+        self.num_heads = heads.num_heads
+        self.embed = model.model.get_input_embeddings()
+        self.vocab_M = self.heads.draft_vocab_M
+        self.lm_ME = model.lm_head.weight.detach()[self.vocab_M].contiguous()
+        self._plans: dict[int, tuple[TreeBuffers, list[_DepthPlan]]] = {}
+
+    def _plan(self, tree: TreeBuffers) -> list[_DepthPlan]:
+        cached = self._plans.get(id(tree))
+        if cached is None or cached[0] is not tree:
+            cached = (tree, depth_plans(tree))
+            self._plans = {id(tree): cached}  # one tree at a time: keep only the latest
+        return cached[1]
+
+    @torch.inference_mode()
+    def draft(
+        self,
+        hidden_E: torch.Tensor,
+        root: torch.Tensor,
+        tree: TreeBuffers,
+        token_ids: Sequence[int],
+    ) -> torch.Tensor:
+        tokens_N = root.reshape(1).repeat(tree.num_nodes)
+        states_RE = hidden_E[None]
+        for plan in self._plan(tree):
+            if plan.children.numel() == 0:
+                break
+            states_RE = self.heads.step(
+                states_RE[plan.parent_rows], self.embed(tokens_N[plan.nodes])
+            )
+            top_RR = self.heads.logits(states_RE, self.lm_ME).topk(tree.top_k, dim=-1).indices
+            tokens_N[plan.children] = self.vocab_M[top_RR.flatten()[plan.slots]]
+        return tokens_N
+
+    @torch.inference_mode()
+    def path_topk(
+        self, hidden_E: torch.Tensor, path_D: Sequence[int], token_ids: Sequence[int], top_k: int
+    ) -> torch.Tensor:
+        path = torch.as_tensor(list(path_D), dtype=torch.int64, device=hidden_E.device)
+        emb_DE = self.embed(path)
+        state_1E, out = hidden_E[None], []
+        for d in range(len(path_D)):
+            state_1E = self.heads.step(state_1E, emb_DE[d : d + 1])
+            out.append(self.heads.logits(state_1E, self.lm_ME).topk(top_k, dim=-1).indices[0])
+        return self.vocab_M[torch.stack(out)]
+
+
+def make_drafter(heads: AnyHeads, model: HFModel) -> Drafter:
+    """The drafter for heads of either kind."""
+    if isinstance(heads, RecurrentHeads):
+        return RecurrentDrafter(heads, model)
+    return HeadsDrafter(heads, model)

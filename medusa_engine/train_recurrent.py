@@ -1,0 +1,337 @@
+"""Train recurrent draft heads (`recurrent_heads.py`) on cached base-model features.
+
+Shape legend: T = cached positions, E = hidden size, B = positions in a batch, D = depths (heads),
+M = draft vocabulary, V = base vocabulary.
+
+Features. The frozen base model runs once over every example; for each position t from the one
+before the first answer token to the end it keeps h_t (the last hidden state, bf16), the token x_t
+and the base model's own next-token choice a_t = argmax(lm_head(h_t)). They are cached on disk
+(one safetensors file, written atomically, reused when the examples and model match): each epoch
+then costs only the heads, which for recurrent heads is far cheaper than the base forward.
+
+Loss, for a position t and each depth d = 1..D (teacher forcing along the example's tokens):
+
+    s_0 = h_t,  s_d = step(s_{d-1}, emb(x_{t+d})),
+    L = Σ_d λ^(d-1) · [CE(logits(s_d), a_{t+d}) + β · SmoothL1(s_d, h_{t+d})].
+
+Targets are the base model's own choices a_{t+d}, not the text's tokens: greedy verification
+accepts exactly those, and any text (self-distilled or reference answers) becomes valid training
+context. The regression term (EAGLE's feature loss) asks s_d to be the base model's hidden state,
+which is what the next transition reads. Targets outside the draft vocabulary are skipped in the
+CE (and count as misses in the accuracies).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from attention.precision import autocast, get_policy
+from medusa_engine.atomic import atomic_write
+from medusa_engine.config import HeadsConfig
+from medusa_engine.recurrent_heads import RecurrentHeads
+from medusa_engine.train_data import Example
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Features:
+    """Cached base-model features of a list of examples (CPU tensors)."""
+
+    hidden_TE: torch.Tensor  # bf16
+    tokens_T: torch.Tensor  # int64, x_t
+    argmax_T: torch.Tensor  # int64, a_t
+    depths_T: torch.Tensor  # int64, how many depths (<= max_depth) position t can be trained on
+    example_T: torch.Tensor  # int64, which example position t belongs to
+
+    def __len__(self) -> int:
+        return int(self.tokens_T.shape[0])
+
+    def select(self, examples: torch.Tensor) -> torch.Tensor:
+        """Positions of the given examples that have at least one trainable depth."""
+        keep = torch.isin(self.example_T, examples) & (self.depths_T > 0)
+        return keep.nonzero()[:, 0]
+
+
+def features_key(model_name: str, examples: list[Example]) -> str:
+    h = hashlib.sha256(model_name.encode())
+    for e in examples:
+        h.update(json.dumps([e.start, e.ids]).encode())
+    return h.hexdigest()[:16]
+
+
+@torch.no_grad()
+def compute_features(
+    model: Any,
+    examples: list[Example],
+    max_depth: int,
+    batch_size: int = 8,
+    progress: Callable[[int], None] | None = None,
+) -> Features:
+    """Run the frozen base model over `examples` (longest last, to pad little)."""
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].ids))
+    parts: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    for lo in range(0, len(order), batch_size):
+        rows = order[lo : lo + batch_size]
+        width = max(len(examples[i].ids) for i in rows)
+        ids_BT = torch.zeros(len(rows), width, dtype=torch.int64)
+        mask_BT = torch.zeros(len(rows), width, dtype=torch.int64)
+        for b, i in enumerate(rows):
+            ids_BT[b, : len(examples[i].ids)] = torch.tensor(examples[i].ids)
+            mask_BT[b, : len(examples[i].ids)] = 1
+        out = model.decoder(
+            input_ids=ids_BT.to(model.device), attention_mask=mask_BT.to(model.device),
+            use_cache=False,
+        )  # fmt: skip
+        hidden_BTE = out.last_hidden_state
+        argmax_BT = model.logits(hidden_BTE).argmax(-1).cpu()
+        for b, i in enumerate(rows):
+            lo_t, hi_t = examples[i].start - 1, len(examples[i].ids)
+            parts[i] = (
+                hidden_BTE[b, lo_t:hi_t].to(torch.bfloat16).cpu(),
+                ids_BT[b, lo_t:hi_t],
+                argmax_BT[b, lo_t:hi_t],
+            )
+        if progress:
+            progress(len(rows))
+    hidden, tokens, argmax, depths, example = [], [], [], [], []
+    for i in range(len(examples)):
+        h, x, a = parts[i]
+        n = x.shape[0]
+        hidden.append(h)
+        tokens.append(x)
+        argmax.append(a)
+        depths.append((n - 1 - torch.arange(n)).clamp(max=max_depth))
+        example.append(torch.full((n,), i, dtype=torch.int64))
+    return Features(torch.cat(hidden), torch.cat(tokens), torch.cat(argmax), torch.cat(depths),
+                    torch.cat(example))  # fmt: skip
+
+
+def save_features(path: Path, features: Features, key: str) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.contiguous() for k, v in asdict(features).items()}
+    atomic_write(path, lambda p: save_file(tensors, str(p), metadata={"key": key}))
+
+
+def load_features(path: Path, key: str) -> Features | None:
+    """The cached features, or None when absent or computed for other examples / model."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        return None
+    with safe_open(str(path), framework="pt") as f:
+        if (f.metadata() or {}).get("key") != key:
+            return None
+    return Features(**load_file(str(path)))
+
+
+def draft_vocabulary(
+    features: Features, positions: torch.Tensor, size: int, vocab: int
+) -> torch.Tensor:
+    """The `size` most frequent base-model choices at the training positions (ties: lower id)."""
+    counts = torch.bincount(features.argmax_T[positions], minlength=vocab).double()
+    counts -= torch.arange(vocab, dtype=torch.float64) / (2 * vocab)  # deterministic tie-break
+    return counts.argsort(descending=True)[:size].sort().values
+
+
+class RecurrentLoss(nn.Module):
+    """Heads + the loss above; the base embedding and LM head rows are frozen attributes."""
+
+    def __init__(
+        self, heads: RecurrentHeads, embed_VE: torch.Tensor, lm_VE: torch.Tensor,
+        decay: float, feature_weight: float,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        self.heads = heads
+        self.embed_VE = embed_VE
+        vocab_M = heads.draft_vocab_M
+        self.lm_ME = lm_VE[vocab_M.to(lm_VE.device)].float()
+        self.to_draft_V = torch.full((lm_VE.shape[0],), -100, dtype=torch.int64)
+        self.to_draft_V[vocab_M.cpu()] = torch.arange(vocab_M.numel())
+        self.decay, self.feature_weight = decay, feature_weight
+
+    def forward(self, features: Features, positions_B: torch.Tensor) -> Any:
+        """(loss, top-1 hits per depth, positions per depth) for a batch of positions."""
+        heads, f = self.heads, features
+        device = self.lm_ME.device
+        d_max = heads.num_heads
+        state_BE = f.hidden_TE[positions_B].to(device).float()
+        depths_B = f.depths_T[positions_B].to(device)
+        total = state_BE.new_zeros(())
+        hits, counts = torch.zeros(d_max, dtype=torch.int64), torch.zeros(d_max, dtype=torch.int64)
+        for d in range(1, d_max + 1):
+            valid_B = depths_B >= d
+            if not bool(valid_B.any()):
+                break
+            at_B = (positions_B + d).clamp(max=len(f) - 1)
+            emb_BE = self.embed_VE[f.tokens_T[at_B].to(self.embed_VE.device)].to(device).float()
+            state_BE = heads.step(state_BE, emb_BE)
+            logits_BM = heads.logits(state_BE, self.lm_ME).float()
+            target_B = self.to_draft_V[f.argmax_T[at_B]].to(device)
+            target_B = torch.where(valid_B, target_B, -100)
+            loss = F.cross_entropy(logits_BM, target_B, ignore_index=-100)
+            if self.feature_weight > 0:
+                truth_BE = f.hidden_TE[at_B].to(device).float()
+                loss = loss + self.feature_weight * F.smooth_l1_loss(
+                    state_BE[valid_B].float(), truth_BE[valid_B]
+                )
+            total = total + self.decay ** (d - 1) * loss
+            hits[d - 1] = int(((logits_BM.argmax(-1) == target_B) & valid_B).sum())
+            counts[d - 1] = int(valid_B.sum())
+        return total, hits, counts
+
+
+def make_recurrent_heads(model: Any, cfg: Any, vocab_M: torch.Tensor) -> RecurrentHeads:
+    heads = RecurrentHeads(HeadsConfig(
+        cfg.num_heads, 1, model.hidden_size, model.vocab_size, True, model.name,
+        kind="recurrent", ffn_size=cfg.ffn_size, draft_vocab=int(vocab_M.numel()),
+    ))  # fmt: skip
+    heads.set_draft_vocab(vocab_M)
+    return heads
+
+
+@torch.no_grad()
+def evaluate_recurrent(
+    model: Any, heads: RecurrentHeads, features: Features, positions: torch.Tensor,
+    batch_size: int = 1024, precision: str = "fp32",
+) -> dict[str, Any]:  # fmt: skip
+    """Per-depth top-1/top-5 of the base model's own choice, teacher-forced, on `positions`."""
+    policy = get_policy(precision)
+    heads = heads.to(model.device).eval()
+    lm_VE = model.lm_head.weight.detach()
+    embed_VE = model.model.get_input_embeddings().weight.detach()
+    lm_ME = lm_VE[heads.draft_vocab_M].float()
+    vocab_M = heads.draft_vocab_M.cpu()
+    d_max = heads.num_heads
+    hits1, hits5, counts = [0] * d_max, [0] * d_max, [0] * d_max
+    f = features
+    for lo in range(0, len(positions), batch_size):
+        p_B = positions[lo : lo + batch_size]
+        with autocast(policy, model.device):
+            state_BE = f.hidden_TE[p_B].to(model.device).float()
+            for d in range(1, d_max + 1):
+                valid_B = f.depths_T[p_B] >= d
+                at_B = (p_B + d).clamp(max=len(f) - 1)
+                emb_BE = embed_VE[f.tokens_T[at_B].to(model.device)].float()
+                state_BE = heads.step(state_BE, emb_BE)
+                top5_B5 = vocab_M[heads.logits(state_BE, lm_ME).topk(5, dim=-1).indices.cpu()]
+                target_B = f.argmax_T[at_B]
+                hits1[d - 1] += int(((top5_B5[:, 0] == target_B) & valid_B).sum())
+                hits5[d - 1] += int(((top5_B5 == target_B[:, None]).any(-1) & valid_B).sum())
+                counts[d - 1] += int(valid_B.sum())
+    # The base model's own top-1: how often a_t is the example's next token x_{t+1}.
+    nxt = positions[f.depths_T[positions] >= 1]
+    base = float((f.argmax_T[nxt] == f.tokens_T[nxt + 1]).float().mean()) if len(nxt) else 0.0
+    in_vocab = float(torch.isin(f.argmax_T[positions], vocab_M).float().mean())
+    return {
+        "base_top1": base,
+        "draft_vocab_coverage": in_vocab,
+        "heads": [{"head": k, "top1": hits1[k] / max(counts[k], 1),
+                   "top5": hits5[k] / max(counts[k], 1), "tokens": counts[k]}
+                  for k in range(d_max)],
+    }  # fmt: skip
+
+
+def position_order(n: int, batch: int, epoch: int, seed: int) -> torch.Tensor:
+    """The epoch's batches of position indices (full ones only): a seeded permutation."""
+    g = torch.Generator().manual_seed(seed * 1000003 + epoch)
+    perm = torch.randperm(n, generator=g)
+    return perm[: n - n % batch].view(-1, batch)
+
+
+def train_recurrent(
+    model: Any,
+    features: Features,
+    positions: torch.Tensor,
+    cfg: Any,
+    checkpoint_path: Path | None = None,
+    resume: bool = False,
+    accelerator: Any = None,
+    on_step: Callable[[int, float, list[float]], None] | None = None,
+) -> Any:
+    """Train recurrent heads on the cached `features` at `positions`; returns a TrainResult."""
+    from accelerate import Accelerator
+
+    from attention.precision import DynamicLossScaler
+    from medusa_engine.train_heads import (
+        TrainError,
+        TrainResult,
+        _lr_lambda,
+        _save_state,
+        _set_rng_state,
+        _step_unscaled,
+        load_checkpoint,
+    )
+
+    acc = accelerator or Accelerator(cpu=model.device.type == "cpu")
+    model.model.requires_grad_(False)
+    torch.manual_seed(cfg.seed)
+    vocab_M = draft_vocabulary(features, positions, cfg.draft_vocab or model.vocab_size,
+                               model.vocab_size)  # fmt: skip
+    heads = make_recurrent_heads(model, cfg, vocab_M).to(acc.device)
+    embed_VE = model.model.get_input_embeddings().weight.detach()
+    module = RecurrentLoss(heads, embed_VE, model.lm_head.weight.detach(), cfg.decay,
+                           cfg.feature_weight)  # fmt: skip
+    params = [p for p in heads.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    global_batch = cfg.batch_size * acc.num_processes
+    per_epoch = len(positions) // global_batch
+    if per_epoch == 0:
+        raise TrainError(f"{len(positions)} positions are fewer than one batch of {global_batch}")
+    total = cfg.steps or cfg.epochs * per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.warmup_steps, total))
+    policy = get_policy(cfg.precision)
+    scaler = DynamicLossScaler(enabled=policy.loss_scaling)
+    step = 0
+    if resume and checkpoint_path is not None and checkpoint_path.is_file():
+        state = load_checkpoint(checkpoint_path)
+        if state["config"] != asdict(cfg):
+            diff = sorted(k for k, v in asdict(cfg).items() if state["config"].get(k) != v)
+            raise TrainError(f"{checkpoint_path} was written with other settings: {diff}")
+        heads.load_state_dict(state["heads"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        _set_rng_state(state["rng"])
+        step = int(state["step"])
+        log.info("resumed from %s at step %d", checkpoint_path, step)
+    module, optimizer = acc.prepare(module, optimizer)
+    result = TrainResult(heads)  # type: ignore[arg-type]
+    start = time.perf_counter()
+    while step < total:
+        batches = position_order(len(positions), global_batch, step // per_epoch, cfg.seed)
+        rows = batches[step % per_epoch][acc.process_index :: acc.num_processes]
+        with autocast(policy, acc.device):
+            loss, hits, counts = module(features, positions[rows])
+        acc.backward(scaler.scale(loss))
+        if cfg.grad_clip > 0:
+            scaler.unscale_(params)
+            acc.clip_grad_norm_(params, cfg.grad_clip)
+            stepped = _step_unscaled(scaler, optimizer, params)
+        else:
+            stepped = scaler.step(optimizer, params)
+        optimizer.zero_grad(set_to_none=True)
+        if stepped:
+            scheduler.step()
+        step += 1
+        result.losses.append(float(loss.detach()))
+        if checkpoint_path is not None and (step % cfg.checkpoint_every == 0 or step == total):
+            _save_state(acc, checkpoint_path, heads, optimizer, scheduler, scaler, step, cfg)
+        if on_step is not None:
+            on_step(step, result.losses[-1], (hits.float() / counts.clamp(min=1)).tolist())
+    result.step, result.wall_s = step, time.perf_counter() - start
+    return result

@@ -1,0 +1,183 @@
+"""Recurrent draft heads: tree drafting == per-path drafting, greedy equivalence, save/load,
+training on cached features (loss down, only heads change, resume == uninterrupted), and the CLI.
+stories260k (fp32), tiny data.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from medusa_engine import train_heads as th
+from medusa_engine import train_recurrent as tr
+from medusa_engine.config import HeadsConfig
+from medusa_engine.drafters import RecurrentDrafter, depth_plans
+from medusa_engine.generate import MedusaGenerator
+from medusa_engine.heads import HeadsError, MedusaHeads, load_heads
+from medusa_engine.recurrent_heads import RecurrentHeads
+from medusa_engine.train_data import encode_dataset, load_records
+from medusa_engine.tree import tree_from_name
+from tests.conftest import PROMPTS
+
+STORIES = (
+    Path(__file__).resolve().parents[1] / "data" / "train" / "tinystories_train_sample_2MiB.txt"
+)
+
+
+def random_recurrent(model, num_heads=4, draft_vocab=300, seed=0) -> RecurrentHeads:
+    torch.manual_seed(seed)
+    config = HeadsConfig(num_heads, 1, model.hidden_size, model.vocab_size, kind="recurrent",
+                         ffn_size=96, draft_vocab=draft_vocab)  # fmt: skip
+    heads = RecurrentHeads(config)
+    for p in heads.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    heads.set_draft_vocab(torch.randperm(model.vocab_size)[:draft_vocab].sort().values)
+    return heads
+
+
+@pytest.fixture(scope="module")
+def examples(stories260k, tmp_path_factory):
+    docs = STORIES.read_text("utf-8").split("<|endoftext|>")[:40]
+    path = tmp_path_factory.mktemp("data") / "stories.txt"
+    path.write_text("<|endoftext|>".join(docs))
+    return encode_dataset(stories260k.tokenizer, load_records(str(path)), max_length=64)
+
+
+def cfg(**kw) -> th.TrainConfig:
+    base = dict(kind="recurrent", num_heads=3, batch_size=64, precision="fp32", lr=3e-3, steps=6,
+                checkpoint_every=3, ffn_size=64, draft_vocab=256)  # fmt: skip
+    return th.TrainConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("tree_name", ["cpu_16", "mc_sim_7b_63", "chain_4"])
+def test_tree_drafting_equals_drafting_each_path(stories260k, tree_name):
+    drafter = RecurrentDrafter(random_recurrent(stories260k), stories260k)
+    tree = tree_from_name(tree_name, 4)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        hidden_E = torch.randn(stories260k.hidden_size, generator=gen)
+        root = torch.randint(stories260k.vocab_size, (), generator=gen)
+        tokens = drafter.draft(hidden_E, root, tree, []).tolist()
+        parent, depth = tree.parent_N.tolist(), tree.depth_N.tolist()
+        rank = ((tree.topk_index_N - 1) % tree.top_k).tolist()
+        assert tokens[0] == int(root)
+        for i in range(1, tree.num_nodes):
+            path, j = [], parent[i]
+            while j >= 0:
+                path.insert(0, tokens[j])
+                j = parent[j]
+            top_DR = drafter.path_topk(hidden_E, path, [], tree.top_k)
+            assert tokens[i] == int(top_DR[depth[i] - 1, rank[i]]), (tree_name, i)
+            assert tokens[i] in set(drafter.vocab_M.tolist())  # only draft-vocabulary tokens
+
+
+def test_depth_plans_only_advance_nodes_with_children():
+    tree = tree_from_name("cpu_16", 4)
+    plans = depth_plans(tree)
+    parents = set(tree.parent_N.tolist()[1:])
+    assert sum(len(p.nodes) for p in plans) == len(parents)
+    assert sum(len(p.children) for p in plans) == tree.num_nodes - 1
+
+
+@pytest.mark.parametrize("tree_name", ["cpu_16", "mc_sim_7b_63"])
+def test_greedy_output_equals_plain_greedy(stories260k, tree_name):
+    heads = random_recurrent(stories260k, seed=3)
+    plain = MedusaGenerator(stories260k, None, "plain")
+    engine = MedusaGenerator(stories260k, heads, tree_name)
+    for prompt in PROMPTS[:5]:
+        ids = stories260k.tokenizer(prompt)["input_ids"]
+        want = plain.generate(ids, 48).token_ids
+        assert engine.generate(ids, 48).token_ids == want, prompt
+
+
+def test_save_load_round_trip(stories260k, tmp_path):
+    heads = random_recurrent(stories260k)
+    heads.save(tmp_path / "h")
+    loaded = load_heads(tmp_path / "h")
+    assert isinstance(loaded, RecurrentHeads) and loaded.config == heads.config
+    for (k, a), b in zip(heads.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), k
+    with pytest.raises(HeadsError, match="recurrent heads, not Medusa"):
+        MedusaHeads.load(tmp_path / "h")
+    bad = HeadsConfig(4, 1, stories260k.hidden_size + 1, stories260k.vocab_size,
+                      kind="recurrent", ffn_size=8)  # fmt: skip
+    with pytest.raises(HeadsError, match="expect hidden size"):
+        RecurrentDrafter(RecurrentHeads(bad), stories260k)
+    with pytest.raises(ValueError, match="ffn_size"):
+        HeadsConfig(4, 1, 64, 512, kind="recurrent")
+
+
+def test_features_hold_hidden_states_and_base_choices(stories260k, examples):
+    feats = tr.compute_features(stories260k, examples[:3], max_depth=3, batch_size=2)
+    offset = 0
+    for e in examples[:3]:
+        n = len(e.ids) - e.start + 1
+        ids = torch.tensor(e.ids)
+        session = stories260k.new_session()
+        hidden = stories260k.forward(ids, torch.arange(len(ids)), session)[e.start - 1 :]
+        torch.testing.assert_close(feats.hidden_TE[offset : offset + n].float(), hidden,
+                                   atol=2e-2, rtol=2e-2)  # fmt: skip
+        assert feats.tokens_T[offset : offset + n].tolist() == e.ids[e.start - 1 :]
+        assert feats.depths_T[offset : offset + n].tolist()[-4:] == [3, 2, 1, 0]
+        offset += n
+
+
+def test_training_lowers_loss_and_changes_only_the_heads(stories260k, examples):
+    feats = tr.compute_features(stories260k, examples, max_depth=3)
+    pos = feats.select(torch.arange(len(examples)))
+    base_before = {k: v.clone() for k, v in stories260k.model.state_dict().items()}
+    c = cfg(steps=30, lr=1e-2)
+    result = tr.train_recurrent(stories260k, feats, pos, c)
+    assert sum(result.losses[-5:]) / 5 < result.losses[0] - 0.5, result.losses
+    for key, value in stories260k.model.state_dict().items():
+        assert torch.equal(value, base_before[key]), f"base parameter {key} changed"
+    init = tr.make_recurrent_heads(stories260k, c, result.heads.draft_vocab_M)
+    changed = [not torch.equal(a, b) for a, b in zip(init.parameters(), result.heads.parameters())]
+    assert all(changed)
+    metrics = tr.evaluate_recurrent(stories260k, result.heads, feats, pos)
+    assert len(metrics["heads"]) == 3 and metrics["heads"][0]["top1"] > 0.1
+
+
+def test_resume_reaches_the_uninterrupted_weights(stories260k, examples, tmp_path):
+    feats = tr.compute_features(stories260k, examples, max_depth=3)
+    pos = feats.select(torch.arange(len(examples)))
+    c = cfg()
+    full = tr.train_recurrent(stories260k, feats, pos, c, checkpoint_path=tmp_path / "a.pt")
+
+    def interrupt(step, loss, top1):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    ckpt = tmp_path / "b.pt"
+    with pytest.raises(KeyboardInterrupt):
+        tr.train_recurrent(stories260k, feats, pos, c, checkpoint_path=ckpt, on_step=interrupt)
+    resumed = tr.train_recurrent(stories260k, feats, pos, c, checkpoint_path=ckpt, resume=True)
+    assert resumed.step == 6 and len(resumed.losses) == 3
+    torch.testing.assert_close(full.losses[3:], resumed.losses, rtol=1e-5, atol=1e-6)
+    for (name, a), b in zip(full.heads.state_dict().items(), resumed.heads.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_cli_trains_recurrent_heads_with_a_feature_cache(examples, tmp_path, capsys):
+    docs = STORIES.read_text("utf-8").split("<|endoftext|>")[:30]
+    data = tmp_path / "stories.txt"
+    data.write_text("<|endoftext|>".join(docs))
+    out = tmp_path / "heads"
+    argv = ["--model", "stories260k", "--data", str(data), "--out", str(out), "--kind",
+            "recurrent", "--steps", "2", "--batch-size", "32", "--max-length", "48",
+            "--num-heads", "2", "--ffn-size", "32", "--draft-vocab", "128", "--precision", "fp32",
+            "--eval-fraction", "0.1", "--checkpoint", str(tmp_path / "run" / "state.pt")]  # fmt: skip
+    assert th.main(argv) == 0, capsys.readouterr().err
+    cache = tmp_path / "run" / "features.safetensors"
+    assert cache.is_file()
+    heads = load_heads(out)
+    assert isinstance(heads, RecurrentHeads) and heads.num_heads == 2
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 2 and len(metrics["heads"]) == 2
+    assert 0 < metrics["draft_vocab_coverage"] <= 1
+    stamp = cache.stat().st_mtime_ns
+    assert th.main([*argv, "--out", str(tmp_path / "heads2")]) == 0  # reuses the cache
+    assert cache.stat().st_mtime_ns == stamp
