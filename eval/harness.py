@@ -127,7 +127,9 @@ def _run(args: argparse.Namespace) -> int:
     prompts = load_prompts(args.prompts, args.limit)
     if not prompts:
         raise CLIError("no prompts to run (--limit 0?)")
-    greedy_engine = load_engine(argparse.Namespace(**{**vars(args), "temperature": 0.0}))
+    greedy_args = argparse.Namespace(**{**vars(args), "temperature": 0.0})
+    greedy_engine = load_engine(greedy_args)
+    args.tree = greedy_args.tree  # "default" resolved to the heads' tree.json or the preset
     model = greedy_engine.model
     runners = _methods(args, methods, sweep, greedy_engine)
     encoded = [encode_prompt(model.tokenizer, p.text, args.raw) for p in prompts]

@@ -49,8 +49,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--tree",
-        default=DEFAULT_TREE,
-        help="tree preset name, a JSON file of paths, or 'auto' (tuned for this machine)",
+        default="default",
+        help="tree preset name, a JSON file of paths, 'auto' (tuned for this machine), or "
+        f"'default': the heads' own tree.json if they have one, else {DEFAULT_TREE}",
     )
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     p.add_argument(
@@ -90,6 +91,9 @@ def load_engine(args: argparse.Namespace):
     else:
         heads_dir = Path(args.heads)
     heads = load_heads(heads_dir) if heads_dir is not None else None
+    if args.tree == "default":
+        bundled = heads_dir / "tree.json" if heads_dir is not None else None
+        args.tree = str(bundled) if bundled is not None and bundled.is_file() else DEFAULT_TREE
     tree = "plain" if args.tree == "auto" else _tree_arg(args.tree)
     quiet_transformers()
     model = HFModel.load(source, dtype=args.dtype, device=args.device, attention=args.attention)

@@ -4,12 +4,13 @@ Shape legend: E = hidden size, V = vocabulary, K = heads, N = tree nodes, P = pa
 
 Token ids in, token ids out: this module knows nothing about text. One step (Medusa, Alg. 1):
 
-1-2. the drafter fills the tree from the hidden state of the last kept token: the root is the
-   base model's own next token, deeper nodes the heads' top-k (`drafters.py`);
-3. one forward of the base model verifies all N nodes (tree mask + position ids over the cache);
-4. the acceptance rule keeps the longest valid prefix of one path, plus the base model's next
+1. the drafter fills the tree from the hidden state of the last kept token: the root is the base
+   model's own next token, deeper nodes the heads' top-k (Medusa heads: from that hidden state
+   alone; recurrent heads: also from the tokens on the node's path; see `drafters.py`);
+2. one forward of the base model verifies all N nodes (tree mask + position ids over the cache);
+3. the acceptance rule keeps the longest valid prefix of one path, plus the base model's next
    token after it (the bonus token, the next root);
-5. the cache keeps exactly the kept path (one gather), and the kept tokens are emitted.
+4. the cache keeps exactly the kept path (one gather), and the kept tokens are emitted.
 
 Each step emits `accepted + 1` tokens; τ (mean accepted length) is their mean over steps.
 """

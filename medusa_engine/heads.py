@@ -38,6 +38,17 @@ class HeadsError(ValueError):
     """Heads that cannot be loaded or do not fit the base model; one line for the CLI."""
 
 
+def check_shape(config: HeadsConfig, hidden_size: int, vocab_size: int, model_name: str) -> None:
+    """Raise `HeadsError` when heads of `config` cannot run on a model of this shape."""
+    if config.hidden_size != hidden_size or config.vocab_size != vocab_size:
+        trained = f" (trained for {config.base_model})" if config.base_model else ""
+        raise HeadsError(
+            f"heads{trained} expect hidden size {config.hidden_size} and vocabulary "
+            f"{config.vocab_size}, but the model{' ' + model_name if model_name else ''} has "
+            f"{hidden_size} and {vocab_size}"
+        )
+
+
 class ResBlock(nn.Module):
     """x + SiLU(W x + b), W and b zero-initialised (the identity at init)."""
 
@@ -109,14 +120,7 @@ class MedusaHeads(nn.Module):
 
     def check_compatible(self, hidden_size: int, vocab_size: int, model_name: str = "") -> None:
         """Raise `HeadsError` when these heads cannot run on a model of this shape."""
-        c = self.config
-        if c.hidden_size != hidden_size or c.vocab_size != vocab_size:
-            trained = f" (trained for {c.base_model})" if c.base_model else ""
-            raise HeadsError(
-                f"heads{trained} expect hidden size {c.hidden_size} and vocabulary {c.vocab_size}, "
-                f"but the model{' ' + model_name if model_name else ''} has {hidden_size} and "
-                f"{vocab_size}"
-            )
+        check_shape(self.config, hidden_size, vocab_size, model_name)
 
     # ---- persistence ------------------------------------------------------------------------
 
@@ -136,13 +140,23 @@ class MedusaHeads(nn.Module):
 AnyHeads = MedusaHeads | RecurrentHeads
 
 
-def save_heads(heads: AnyHeads, directory: str | os.PathLike[str]) -> None:
-    """Write `config.json` + `heads.safetensors`, each atomically (temp file + rename)."""
+def save_heads(
+    heads: AnyHeads, directory: str | os.PathLike[str], dtype: torch.dtype | None = None
+) -> None:
+    """Write `config.json` + `heads.safetensors`, each atomically (temp file + rename).
+
+    `dtype` casts floating-point weights (e.g. bf16 halves the size of bundled heads)."""
     from safetensors.torch import save_file
 
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in heads.state_dict().items()}
+    state = {
+        k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v)
+        .detach()
+        .contiguous()
+        .cpu()
+        for k, v in heads.state_dict().items()
+    }
     atomic_write(out / WEIGHTS, lambda p: save_file(state, str(p), metadata={"format": FORMAT}))
     cfg = {"format": FORMAT, **heads.config.__dict__}
     atomic_write(out / "config.json", lambda p: p.write_text(json.dumps(cfg, indent=2) + "\n"))

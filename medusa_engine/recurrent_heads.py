@@ -93,15 +93,9 @@ class RecurrentHeads(nn.Module):
         save_heads(self, directory)
 
     def check_compatible(self, hidden_size: int, vocab_size: int, model_name: str = "") -> None:
-        from medusa_engine.heads import HeadsError
+        """Raise `HeadsError` when these heads cannot run on a model of this shape."""
+        from medusa_engine.heads import HeadsError, check_shape
 
-        c = self.config
-        if c.hidden_size != hidden_size or c.vocab_size != vocab_size:
-            trained = f" (trained for {c.base_model})" if c.base_model else ""
-            raise HeadsError(
-                f"heads{trained} expect hidden size {c.hidden_size} and vocabulary {c.vocab_size}, "
-                f"but the model{' ' + model_name if model_name else ''} has {hidden_size} and "
-                f"{vocab_size}"
-            )
+        check_shape(self.config, hidden_size, vocab_size, model_name)
         if int(self.draft_vocab_M.max()) >= vocab_size or int(self.draft_vocab_M.min()) < 0:
             raise HeadsError("the heads' draft vocabulary has ids outside the model's vocabulary")

@@ -10,7 +10,11 @@ model's own next token). With `distill_weight` w > 0 the target mixes in the bas
 distribution for that token (Medusa-2 self-distillation): (1 - w)·CE + w·KL(p_base(h_{t+k+1}) ||
 p_k(h_t)). Only positions whose target lies in the response (`Example.start`) count.
 
-Choices, and why:
+`--kind recurrent` trains the sequentially dependent heads of `recurrent_heads.py` instead, on
+base-model features cached once on disk (`train_recurrent.py`, which has its own loss). The rest of
+this module (data, self-distillation, accelerate, checkpoints, the command line) serves both.
+
+Choices, and why (Medusa heads):
 * Hidden states are recomputed every step (no disk cache): the base model is frozen and
   deterministic, and its forward is not the dominant cost. For SmolLM2-135M (K = 4, V = 49152)
   the heads' vocabulary projections, forward and backward, cost ~0.7 GFLOP per token against the
@@ -52,7 +56,7 @@ from torch.utils.checkpoint import checkpoint
 from attention.precision import DynamicLossScaler, autocast, get_policy
 from medusa_engine.atomic import atomic_write
 from medusa_engine.config import HEAD_KINDS, HeadsConfig
-from medusa_engine.heads import AnyHeads, MedusaHeads
+from medusa_engine.heads import AnyHeads, MedusaHeads, save_heads
 from medusa_engine.train_data import Example
 
 log = logging.getLogger(__name__)
@@ -281,12 +285,41 @@ def train(
     random.seed(cfg.seed)
     heads = make_heads(model, cfg)
     module = HeadsLoss(heads, model.lm_head.weight, cfg)
-    params = [p for p in heads.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     global_batch = cfg.batch_size * acc.num_processes
     per_epoch = len(examples) // global_batch
     if per_epoch == 0:
         raise TrainError(f"{len(examples)} examples are fewer than one batch of {global_batch}")
+
+    def batch_loss(step: int, module: Any) -> Any:
+        order = batch_order(len(examples), global_batch, step // per_epoch, cfg.seed)
+        rows = order[step % per_epoch][acc.process_index :: acc.num_processes]
+        batch = {k: v.to(acc.device) for k, v in collate([examples[i] for i in rows]).items()}
+        hidden_BTE = base_hidden(model, batch["ids_BT"], batch["lengths_B"])
+        return module(hidden_BTE, batch)
+
+    return optimize(heads, module, batch_loss, cfg, per_epoch, acc, checkpoint_path, resume,
+                    on_step)  # fmt: skip
+
+
+def optimize(
+    heads: AnyHeads,
+    module: nn.Module,
+    batch_loss: Callable[[int, Any], Any],
+    cfg: TrainConfig,
+    per_epoch: int,
+    acc: Any,
+    checkpoint_path: Path | None,
+    resume: bool,
+    on_step: Callable[[int, float, list[float]], None] | None,
+) -> TrainResult:
+    """The optimisation loop both kinds of heads share: AdamW + warm-up/cosine schedule, mixed
+    precision with loss scaling, gradient clipping, atomic checkpoints and `resume`.
+
+    `batch_loss(step, wrapped_module)` -> (loss, hits_K, counts_K) computes step `step`'s batch
+    (its data order is a function of the step alone, so a resumed run sees the same batches).
+    """
+    params = [p for p in heads.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     total = cfg.steps or cfg.epochs * per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.warmup_steps, total))
     policy = get_policy(cfg.precision)
@@ -308,12 +341,8 @@ def train(
     result = TrainResult(heads)
     start = time.perf_counter()
     while step < total:
-        order = batch_order(len(examples), global_batch, step // per_epoch, cfg.seed)
-        rows = order[step % per_epoch][acc.process_index :: acc.num_processes]
-        batch = {k: v.to(acc.device) for k, v in collate([examples[i] for i in rows]).items()}
         with autocast(policy, acc.device):
-            hidden_BTE = base_hidden(model, batch["ids_BT"], batch["lengths_B"])
-            loss, hits_K, counts_K = module(hidden_BTE, batch)
+            loss, hits_K, counts_K = batch_loss(step, module)
         acc.backward(scaler.scale(loss))
         if cfg.grad_clip > 0:
             scaler.unscale_(params)  # clip the true gradients; the scaler then sees scale 1
@@ -410,6 +439,8 @@ def add_arguments(p: Any) -> None:
     p.add_argument("--resume", action="store_true", help="continue from --checkpoint if present")
     p.add_argument("--with-reference-answers", action="store_true",
                    help="--kind recurrent + --self-distill: also train on the data's own answers")  # fmt: skip
+    p.add_argument("--save-dtype", default="fp32", choices=["fp32", "bf16"],
+                   help="dtype of the written heads' weights (bf16 halves the file)")  # fmt: skip
     p.add_argument("--features-cache", default=None,
                    help="--kind recurrent: cached base features (default beside --checkpoint)")  # fmt: skip
     p.add_argument("--self-distill", action="store_true",
@@ -577,7 +608,7 @@ def run(args: Any) -> int:
         "loss_last10_mean": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
         **metrics, "config": asdict(cfg), "command": " ".join(sys.argv),
     }  # fmt: skip
-    result.heads.save(out)
+    save_heads(result.heads, out, {"bf16": torch.bfloat16, "fp32": None}[args.save_dtype])
     text = json.dumps(summary, indent=2) + "\n"
     atomic_write(out / "metrics.json", lambda p: p.write_text(text))
     print(f"base LM top-1 {metrics['base_top1']:.3f} on {len(eval_ex)} held-out examples")

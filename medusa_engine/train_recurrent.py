@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -266,16 +265,7 @@ def train_recurrent(
     """Train recurrent heads on the cached `features` at `positions`; returns a TrainResult."""
     from accelerate import Accelerator
 
-    from attention.precision import DynamicLossScaler
-    from medusa_engine.train_heads import (
-        TrainError,
-        TrainResult,
-        _lr_lambda,
-        _save_state,
-        _set_rng_state,
-        _step_unscaled,
-        load_checkpoint,
-    )
+    from medusa_engine.train_heads import TrainError, optimize
 
     acc = accelerator or Accelerator(cpu=model.device.type == "cpu")
     model.model.requires_grad_(False)
@@ -286,52 +276,15 @@ def train_recurrent(
     embed_VE = model.model.get_input_embeddings().weight.detach()
     module = RecurrentLoss(heads, embed_VE, model.lm_head.weight.detach(), cfg.decay,
                            cfg.feature_weight)  # fmt: skip
-    params = [p for p in heads.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     global_batch = cfg.batch_size * acc.num_processes
     per_epoch = len(positions) // global_batch
     if per_epoch == 0:
         raise TrainError(f"{len(positions)} positions are fewer than one batch of {global_batch}")
-    total = cfg.steps or cfg.epochs * per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.warmup_steps, total))
-    policy = get_policy(cfg.precision)
-    scaler = DynamicLossScaler(enabled=policy.loss_scaling)
-    step = 0
-    if resume and checkpoint_path is not None and checkpoint_path.is_file():
-        state = load_checkpoint(checkpoint_path)
-        if state["config"] != asdict(cfg):
-            diff = sorted(k for k, v in asdict(cfg).items() if state["config"].get(k) != v)
-            raise TrainError(f"{checkpoint_path} was written with other settings: {diff}")
-        heads.load_state_dict(state["heads"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        _set_rng_state(state["rng"])
-        step = int(state["step"])
-        log.info("resumed from %s at step %d", checkpoint_path, step)
-    module, optimizer = acc.prepare(module, optimizer)
-    result = TrainResult(heads)  # type: ignore[arg-type]
-    start = time.perf_counter()
-    while step < total:
+
+    def batch_loss(step: int, module: Any) -> Any:
         batches = position_order(len(positions), global_batch, step // per_epoch, cfg.seed)
         rows = batches[step % per_epoch][acc.process_index :: acc.num_processes]
-        with autocast(policy, acc.device):
-            loss, hits, counts = module(features, positions[rows])
-        acc.backward(scaler.scale(loss))
-        if cfg.grad_clip > 0:
-            scaler.unscale_(params)
-            acc.clip_grad_norm_(params, cfg.grad_clip)
-            stepped = _step_unscaled(scaler, optimizer, params)
-        else:
-            stepped = scaler.step(optimizer, params)
-        optimizer.zero_grad(set_to_none=True)
-        if stepped:
-            scheduler.step()
-        step += 1
-        result.losses.append(float(loss.detach()))
-        if checkpoint_path is not None and (step % cfg.checkpoint_every == 0 or step == total):
-            _save_state(acc, checkpoint_path, heads, optimizer, scheduler, scaler, step, cfg)
-        if on_step is not None:
-            on_step(step, result.losses[-1], (hits.float() / counts.clamp(min=1)).tolist())
-    result.step, result.wall_s = step, time.perf_counter() - start
-    return result
+        return module(features, positions[rows])
+
+    return optimize(heads, module, batch_loss, cfg, per_epoch, acc, checkpoint_path, resume,
+                    on_step)  # fmt: skip

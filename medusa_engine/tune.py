@@ -4,10 +4,12 @@ Shape legend: T = calibration positions, K = heads, R = top-k ranks considered.
 
 1. **Latency curve.** The engine's real verification step (heads, candidates, forward, acceptance,
    compaction) is timed for trees of n nodes over a cache of `cache_len` tokens, on the current
-   device and dtype; sizes between measured points are interpolated.
+   device and dtype; sizes between measured points are interpolated. The timed trees are as deep
+   as the heads allow (a recurrent drafter pays per depth), so small trees are not flattered.
 2. **Acceptance.** Calibration prompts (hand-written, in no evaluation set) are continued greedily;
    one teacher-forced forward gives the last hidden state at every position t, and each head's
-   top-R there. `rank_TK[t, k]` = rank of the true token t + k + 2 in head k's top-R (R if absent).
+   top-R there (recurrent heads read the true tokens before depth k: `Drafter.path_topk`).
+   `rank_TK[t, k]` = rank of the true token t + k + 2 in head k's top-R (R if absent).
    A node with path (r_0, ..., r_d) is accepted at t exactly when rank_TK[t, :d+1] == path, so its
    value (probability of acceptance) is the empirical frequency of that rank prefix: the joint
    frequency, not Medusa's product of per-head marginals.
@@ -73,8 +75,11 @@ class TunedTree:
 
 
 def synthetic_tree(nodes: int, num_heads: int, top_k: int = 10) -> TreeBuffers:
-    """Some valid tree of exactly `nodes` nodes (for timing: latency depends on size, not shape)."""
-    paths: list[TreePath] = []
+    """A valid tree of exactly `nodes` nodes for timing: as deep as it can be (a chain of rank-0
+    nodes first: a recurrent drafter pays per depth, and tuned trees are deep), then breadth-first.
+    Apart from depth, the step latency depends on the size, not the shape."""
+    chain = [(0,) * d for d in range(1, min(nodes - 1, num_heads) + 1)]
+    paths: list[TreePath] = list(chain)
     frontier: list[TreePath] = [()]
     while len(paths) < nodes - 1 and frontier:
         parent = frontier.pop(0)
@@ -82,7 +87,8 @@ def synthetic_tree(nodes: int, num_heads: int, top_k: int = 10) -> TreeBuffers:
             if len(parent) >= num_heads or len(paths) >= nodes - 1:
                 break
             child = (*parent, rank)
-            paths.append(child)
+            if child not in chain:
+                paths.append(child)
             frontier.append(child)
     return build_tree(paths, num_heads, top_k)
 

@@ -50,5 +50,5 @@ $LAUNCH medusa_engine.train_heads \
   --data "$DATA" --self-distill --distill-temperature 0 \
   --out "$OUT" --resume \
   --kind recurrent --num-heads 4 --ffn-size 2048 --draft-vocab 8192 --feature-weight 1.0 \
-  --decay 0.8 --lr 1e-3 --warmup-steps 100 --precision fp32 --seed 0 \
+  --decay 0.8 --lr 1e-3 --warmup-steps 100 --precision fp32 --seed 0 --save-dtype bf16 \
   "${RUN[@]}" "$@"

@@ -94,3 +94,21 @@ def test_stop_string_ends_the_reply(capsys):
     assert code == 0 and record["finish_reason"] == "stop"
     assert record["text"] == ", there was a little girl named "
     assert record["new_tokens"] < 20
+
+
+def test_default_tree_is_the_heads_own_tree(tmp_path):
+    import argparse
+
+    from medusa_engine.cli import add_model_args, load_engine
+
+    random_heads(save_to=tmp_path / "heads")
+    parser = argparse.ArgumentParser()
+    add_model_args(parser)
+    base = ["--model", "stories260k", "--heads", str(tmp_path / "heads")]
+    engine = load_engine(parser.parse_args(base))
+    assert engine.tree.num_nodes == 17  # no tree.json: the cpu_16 preset
+    (tmp_path / "heads" / "tree.json").write_text(json.dumps({"paths": [[0], [1], [0, 0]]}))
+    engine = load_engine(parser.parse_args(base))
+    assert engine.tree.num_nodes == 4 and engine.tree.max_depth == 2
+    engine = load_engine(parser.parse_args([*base, "--tree", "chain_2"]))
+    assert engine.tree.num_nodes == 3

@@ -179,5 +179,50 @@ def test_cli_trains_recurrent_heads_with_a_feature_cache(examples, tmp_path, cap
     assert metrics["steps"] == 2 and len(metrics["heads"]) == 2
     assert 0 < metrics["draft_vocab_coverage"] <= 1
     stamp = cache.stat().st_mtime_ns
-    assert th.main([*argv, "--out", str(tmp_path / "heads2")]) == 0  # reuses the cache
+    # Reuses the cache; bf16 weights (half the file) load into the same heads.
+    assert th.main([*argv, "--out", str(tmp_path / "heads2"), "--save-dtype", "bf16"]) == 0
     assert cache.stat().st_mtime_ns == stamp
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "heads2" / "heads.safetensors"))
+    assert saved["fc1.weight"].dtype == torch.bfloat16 and saved["draft_vocab_M"].dtype == torch.int64
+    again = load_heads(tmp_path / "heads2")
+    torch.testing.assert_close(again.fc1.weight, heads.fc1.weight, atol=1e-2, rtol=1e-2)
+
+
+def test_reference_answers_join_training_but_not_from_held_out_prompts(tmp_path, capsys):
+    records = [{"instruction": f"Tell a story about a {w}.", "input": "",
+                "output": f"Once upon a time there was a {w}. The {w} was happy."}
+               for w in ["cat", "dog", "bird", "fish", "frog", "bear", "duck", "cow", "pig", "fox"]]  # fmt: skip
+    data = tmp_path / "alpaca.json"
+    data.write_text(json.dumps(records))
+    common = ["--model", "stories260k", "--data", str(data), "--self-distill",
+              "--distill-max-new-tokens", "12", "--distill-cache", str(tmp_path / "distill"),
+              "--eval-fraction", "0.2", "--steps", "1", "--num-heads", "2", "--precision", "fp32",
+              "--batch-size", "16"]  # fmt: skip
+    out = tmp_path / "heads"
+    argv = [*common, "--out", str(out), "--kind", "recurrent", "--ffn-size", "16",
+            "--draft-vocab", "64", "--with-reference-answers",
+            "--checkpoint", str(tmp_path / "run" / "state.pt")]  # fmt: skip
+    assert th.main(argv) == 0, capsys.readouterr().err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["eval_examples"] == 2
+    assert metrics["train_examples"] == 8 + 8  # 8 self-distilled + the 8 training prompts' answers
+    assert th.main([*common, "--out", str(tmp_path / "m"), "--with-reference-answers"]) == 2
+    assert "needs --kind recurrent" in capsys.readouterr().err
+
+
+def test_bundled_default_model_heads_and_tree_load():
+    from medusa_engine.cli import _tree_arg
+    from medusa_engine.models import ASSETS
+    from medusa_engine.tree import build_tree
+
+    folder = ASSETS / "heads" / "smollm2-135m-instruct"
+    heads = load_heads(folder)
+    assert isinstance(heads, RecurrentHeads)
+    assert (heads.config.hidden_size, heads.config.vocab_size) == (576, 49152)
+    assert heads.draft_vocab_M.unique().numel() == heads.config.draft_vocab  # distinct ids
+    tree = build_tree(_tree_arg(str(folder / "tree.json")), heads.num_heads)
+    assert 1 < tree.num_nodes <= 128
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert len(metrics["heads"]) == heads.num_heads
