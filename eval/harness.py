@@ -173,12 +173,13 @@ def _methods(
             raise CLIError("medusa-typical needs --temperature > 0")
         seed = 0 if args.seed is None else args.seed
         sampling = SamplingConfig(temperature=args.temperature, seed=seed)
-        typical = MedusaGenerator(model, greedy.drafter, greedy.tree, sampling)
+        typical = MedusaGenerator(model, greedy.drafter, "plain", sampling, lookup=greedy.lookup)
+        typical.tree = greedy.tree  # the same tree (incl. any lookup branch) as `medusa`
         out.append(Method("medusa-typical", _engine_call(typical), typical, seed, str(args.tree)))
     for name in sweep:
         if name == str(args.tree) and "medusa" in methods:
             continue  # the `medusa` runs are this tree's
-        engine = MedusaGenerator(model, greedy.drafter, name, SamplingConfig())
+        engine = MedusaGenerator(model, greedy.drafter, name, SamplingConfig())  # no lookup
         out.append(Method(f"medusa@{name}", _engine_call(engine), engine, tree=name))
     return out
 

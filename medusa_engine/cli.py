@@ -15,7 +15,7 @@ from pathlib import Path
 
 from attention.api import BACKENDS
 from medusa_engine.models import DEFAULT_MODEL, ModelNotFoundError
-from medusa_engine.trees import DEFAULT_TREE
+from medusa_engine.trees import DEFAULT_LOOKUP, DEFAULT_TREE
 
 ATTENTION_CHOICES = ("hf", *BACKENDS)  # as hf_adapter.ATTENTION_CHOICES, without transformers
 
@@ -67,6 +67,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         default=0.0,
         help="0 = greedy (lossless); > 0 samples with typical acceptance",
     )
+    p.add_argument(
+        "--lookup",
+        type=int,
+        default=DEFAULT_LOOKUP,
+        help="a prompt-lookup branch of N nodes under the tree's root: the tokens that followed "
+        f"the text's last n-gram earlier on (default {DEFAULT_LOOKUP}; 0 = none)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--seed", type=int, default=None)
 
@@ -97,7 +104,9 @@ def load_engine(args: argparse.Namespace):
     tree = "plain" if args.tree == "auto" else _tree_arg(args.tree)
     quiet_transformers()
     model = HFModel.load(source, dtype=args.dtype, device=args.device, attention=args.attention)
-    engine = MedusaGenerator(model, heads, tree, sampling)
+    if args.lookup < 0:
+        raise CLIError(f"--lookup must be >= 0, got {args.lookup}")
+    engine = MedusaGenerator(model, heads, tree, sampling, lookup=args.lookup)
     if args.tree == "auto" and heads is not None:
         from medusa_engine.tune import auto_tree
 

@@ -181,3 +181,89 @@ def make_drafter(heads: AnyHeads, model: HFModel) -> Drafter:
     if isinstance(heads, RecurrentHeads):
         return RecurrentDrafter(heads, model)
     return HeadsDrafter(heads, model)
+
+
+def with_lookup_branch(tree: TreeBuffers, length: int) -> TreeBuffers:
+    """`tree` plus a chain of `length` nodes under the root, appended after its nodes.
+
+    The chain holds a prompt-lookup guess (`LookupDrafter`). Appending keeps every root-to-node
+    index sequence increasing and parents before children, as compaction needs.
+    """
+    n, total = tree.num_nodes, tree.num_nodes + length
+    device = tree.depth_N.device
+    mask = torch.zeros(total, total, dtype=torch.bool, device=device)
+    mask[:n, :n] = tree.mask_NN
+    chain = torch.arange(n, total, device=device)
+    mask[chain, 0] = True
+    mask[n:, n:] = torch.ones(length, length, dtype=torch.bool, device=device).tril()
+    depth = torch.cat([tree.depth_N, torch.arange(1, length + 1, device=device)])
+    parent = torch.cat([tree.parent_N, torch.cat([chain.new_zeros(1), chain[:-1]])])
+    width = max(tree.paths_PL.shape[1], length + 1)
+    paths = torch.full((tree.paths_PL.shape[0] + 1, width), -1, dtype=torch.int64, device=device)
+    paths[:-1, : tree.paths_PL.shape[1]] = tree.paths_PL
+    paths[-1, : length + 1] = torch.cat([chain.new_zeros(1), chain])
+    topk_index = torch.cat([tree.topk_index_N, chain.new_zeros(length)])
+    return TreeBuffers(mask, depth, topk_index, parent, paths, tree.top_k, tree.num_heads)
+
+
+def lookup(token_ids: Sequence[int], length: int, max_ngram: int = 3) -> list[int]:
+    """Prompt-lookup decoding's guess: the `length` tokens that followed the latest earlier
+    occurrence of the longest suffix n-gram (n <= max_ngram) of `token_ids`; [] if none."""
+    seq = list(token_ids)
+    for n in range(min(max_ngram, len(seq) - 1), 0, -1):
+        tail = seq[-n:]
+        for start in range(len(seq) - n - 1, -1, -1):
+            if seq[start : start + n] == tail:
+                return seq[start + n : start + n + length]
+    return []
+
+
+class LookupDrafter:
+    """A drafter plus a prompt-lookup branch: a chain of `length` nodes under the root filled
+    with the tokens that followed the latest earlier occurrence of the text's last n-gram (as HF's
+    prompt-lookup decoding does). Free of training, strong where answers copy the prompt; the
+    tree's verification keeps whichever branch is right. Use `with_lookup_branch` trees."""
+
+    def __init__(self, drafter: Drafter | None, length: int) -> None:
+        if length < 1:
+            raise ValueError(f"the lookup branch needs length >= 1, got {length}")
+        self.inner, self.length = drafter, length
+        self.num_heads = drafter.num_heads if drafter is not None else 0
+        self._inner_tree: tuple[TreeBuffers, TreeBuffers] | None = None
+
+    def _split(self, tree: TreeBuffers) -> TreeBuffers:
+        """The inner drafter's part of a `with_lookup_branch` tree (cached per tree)."""
+        if self._inner_tree is None or self._inner_tree[0] is not tree:
+            n = tree.num_nodes - self.length
+            paths = tree.paths_PL[:-1]
+            keep = int((paths >= 0).sum(1).max()) if n > 1 else 1
+            inner = TreeBuffers(tree.mask_NN[:n, :n], tree.depth_N[:n], tree.topk_index_N[:n],
+                                tree.parent_N[:n], paths[:, :keep], tree.top_k, tree.num_heads)  # fmt: skip
+            self._inner_tree = (tree, inner)
+        return self._inner_tree[1]
+
+    def draft(
+        self,
+        hidden_E: torch.Tensor,
+        root: torch.Tensor,
+        tree: TreeBuffers,
+        token_ids: Sequence[int],
+    ) -> torch.Tensor:
+        inner = self._split(tree)
+        tokens_N = (
+            self.inner.draft(hidden_E, root, inner, token_ids)
+            if self.inner is not None and inner.num_nodes > 1
+            else root.reshape(1)
+        )
+        guess = lookup([*token_ids, int(root)], self.length)
+        guess += [int(root)] * (self.length - len(guess))  # no match: filler, simply rejected
+        return torch.cat(
+            [tokens_N, torch.tensor(guess, dtype=tokens_N.dtype, device=tokens_N.device)]
+        )
+
+    def path_topk(
+        self, hidden_E: torch.Tensor, path_D: Sequence[int], token_ids: Sequence[int], top_k: int
+    ) -> torch.Tensor:
+        if self.inner is None:
+            raise ValueError("a lookup branch alone has no heads to tune")
+        return self.inner.path_topk(hidden_E, path_D, token_ids, top_k)

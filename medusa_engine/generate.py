@@ -27,7 +27,7 @@ import torch
 from medusa_engine.acceptance import accept
 from medusa_engine.candidates import choose_token, path_tokens
 from medusa_engine.config import SamplingConfig
-from medusa_engine.drafters import Drafter, make_drafter
+from medusa_engine.drafters import Drafter, LookupDrafter, make_drafter, with_lookup_branch
 from medusa_engine.heads import AnyHeads, MedusaHeads
 from medusa_engine.hf_adapter import HFModel, KVSession
 from medusa_engine.recurrent_heads import RecurrentHeads
@@ -73,12 +73,18 @@ class MedusaGenerator:
         heads: AnyHeads | Drafter | None = None,
         tree: TreeBuffers | str | Sequence[Sequence[int]] = DEFAULT_TREE,
         sampling: SamplingConfig | None = None,
+        lookup: int = 0,
     ) -> None:
         self.model = model
         self.drafter: Drafter | None = (
             make_drafter(heads, model)
             if isinstance(heads, (MedusaHeads, RecurrentHeads))
             else heads
+        )
+        # `lookup` > 0 adds a prompt-lookup branch of that many nodes under the root of every tree.
+        self.lookup = lookup
+        self._draft: Drafter | None = (
+            LookupDrafter(self.drafter, lookup) if lookup > 0 else self.drafter
         )
         self.set_tree(tree)
         self.plain_tree = build_tree([], 0).to(model.device)
@@ -96,6 +102,8 @@ class MedusaGenerator:
             tree = build_tree([tuple(p) for p in tree], num_heads)
         if tree.num_heads > num_heads:
             raise ValueError(f"tree is {tree.num_heads} deep but the drafter has {num_heads} heads")
+        if self.lookup > 0:
+            tree = with_lookup_branch(tree, self.lookup)
         self.tree = tree.to(self.model.device)
 
     # ---- public API -------------------------------------------------------------------------
@@ -209,8 +217,8 @@ class MedusaGenerator:
         if past + tree.max_depth + 1 > self.model.max_context:
             tree = self.plain_tree  # near the end of the context, finish one token at a time
         root_t = torch.tensor(root, device=self.model.device)
-        if tree.num_nodes > 1 and self.drafter is not None:
-            tree_tokens_N = self.drafter.draft(hidden_E, root_t, tree, session.token_ids)
+        if tree.num_nodes > 1 and self._draft is not None:
+            tree_tokens_N = self._draft.draft(hidden_E, root_t, tree, session.token_ids)
         else:
             tree_tokens_N = root_t.reshape(1)
         candidates_PL = path_tokens(tree_tokens_N, tree)

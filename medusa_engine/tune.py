@@ -121,7 +121,7 @@ def measure_latency(
         for size in sizes:
             if size > 1 and heads == 0:
                 break
-            engine.tree = synthetic_tree(size, max(heads, 1)).to(model.device)
+            engine.set_tree(synthetic_tree(size, max(heads, 1)))  # + any lookup branch
             times = []
             for i in range(repeats + 1):
                 start = time.perf_counter()
@@ -313,7 +313,7 @@ def auto_tree(
     engine: MedusaGenerator, heads_dir: Path | None, progress: Callable[[str], None]
 ) -> TunedTree:
     """The cached tuned tree for this model + heads + device + dtype, tuning on first use."""
-    key = cache_key(engine.model, heads_dir)
+    key = cache_key(engine.model, heads_dir) + (f"-lookup{engine.lookup}" if engine.lookup else "")
     path = cache_dir() / "trees" / f"{key}.json"
     if path.is_file():
         return TunedTree.load(path)

@@ -105,8 +105,11 @@ def test_default_tree_is_the_heads_own_tree(tmp_path):
     parser = argparse.ArgumentParser()
     add_model_args(parser)
     base = ["--model", "stories260k", "--heads", str(tmp_path / "heads")]
-    engine = load_engine(parser.parse_args(base))
+    engine = load_engine(parser.parse_args([*base, "--lookup", "0"]))
     assert engine.tree.num_nodes == 17  # no tree.json: the cpu_16 preset
+    engine = load_engine(parser.parse_args(base))
+    assert engine.tree.num_nodes == 17 + 5  # + the default prompt-lookup branch
+    base = [*base, "--lookup", "0"]
     (tmp_path / "heads" / "tree.json").write_text(json.dumps({"paths": [[0], [1], [0, 0]]}))
     engine = load_engine(parser.parse_args(base))
     assert engine.tree.num_nodes == 4 and engine.tree.max_depth == 2

@@ -107,6 +107,7 @@ def test_bench_end_to_end_on_stories260k(capsys, tmp_path):
         "--model", "stories260k", "--heads", str(tmp_path / "heads"), "--dtype", "fp32",
         "--prompts", str(prompts), "--max-new-tokens", "16", "--tree-sweep", "cpu_8,cpu_16",
         "--methods", "hf,hf-pld,medusa,medusa-typical", "--out", str(out), "--threads", "1",
+        "--lookup", "0",
     ])  # fmt: skip
     stdout = capsys.readouterr().out
     assert code == 0

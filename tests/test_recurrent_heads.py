@@ -185,7 +185,9 @@ def test_cli_trains_recurrent_heads_with_a_feature_cache(examples, tmp_path, cap
     from safetensors.torch import load_file
 
     saved = load_file(str(tmp_path / "heads2" / "heads.safetensors"))
-    assert saved["fc1.weight"].dtype == torch.bfloat16 and saved["draft_vocab_M"].dtype == torch.int64
+    assert (
+        saved["fc1.weight"].dtype == torch.bfloat16 and saved["draft_vocab_M"].dtype == torch.int64
+    )
     again = load_heads(tmp_path / "heads2")
     torch.testing.assert_close(again.fc1.weight, heads.fc1.weight, atol=1e-2, rtol=1e-2)
 
@@ -226,3 +228,34 @@ def test_bundled_default_model_heads_and_tree_load():
     assert 1 < tree.num_nodes <= 128
     metrics = json.loads((folder / "metrics.json").read_text())
     assert len(metrics["heads"]) == heads.num_heads
+
+
+def test_prompt_lookup_guess():
+    from medusa_engine.drafters import lookup
+
+    #          0  1  2  3  4  5  6  7  8  9
+    history = [5, 6, 7, 8, 9, 1, 5, 6, 7, 2, 5, 6, 7]
+    assert lookup(history, 3) == [2, 5, 6]  # the latest earlier "5 6 7" is at 6..8
+    assert lookup([1, 2, 3, 4, 9, 2], 2) == [3, 4]  # only a 1-gram matches
+    assert lookup([1, 2, 3], 4) == []
+
+
+@pytest.mark.parametrize("heads_kind", ["recurrent", "none"])
+def test_lookup_branch_keeps_greedy_output_and_gets_accepted(stories260k, heads_kind):
+    from medusa_engine.drafters import with_lookup_branch
+
+    tree = with_lookup_branch(tree_from_name("cpu_16", 4), 5)
+    assert tree.num_nodes == 22 and tree.max_depth == 5
+    assert tree.mask_NN[21].nonzero()[:, 0].tolist() == [0, 17, 18, 19, 20, 21]
+    heads = random_recurrent(stories260k, seed=5) if heads_kind == "recurrent" else None
+    plain = MedusaGenerator(stories260k, None, "plain")
+    engine = MedusaGenerator(stories260k, heads, "cpu_16" if heads else "plain", lookup=5)
+    accepted = 0
+    for prompt in PROMPTS[:6]:
+        # A repeated sentence: the continuation copies it, so the branch must pay off somewhere.
+        ids = stories260k.tokenizer(f"{prompt}. {prompt}. {prompt}")["input_ids"]
+        want = plain.generate(ids, 40).token_ids
+        got = engine.generate(ids, 40)
+        assert got.token_ids == want, prompt
+        accepted += sum(n - 1 for n in got.accepted_lengths)
+    assert accepted > 0
