@@ -81,7 +81,7 @@ def bench_engine(model_hf, attention: str, sizes: Sequence[int], prefix: int, re
     session = model.new_session(capacity=prefix + max(sizes) + 8)
     hidden_E, root = engine._prefill(ids.tolist(), session)
     for size in sizes:
-        engine.tree = synthetic_tree(size, 4).to(model.device)
+        engine.set_tree(synthetic_tree(size, 4))
 
         def step() -> None:
             engine._step(hidden_E, root, session)

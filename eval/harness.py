@@ -6,7 +6,7 @@ Methods (`--methods`, any subset, in this order per prompt):
 
 * `hf`: `model.generate(do_sample=False)`, the baseline every speedup is relative to;
 * `hf-pld`: HF prompt-lookup decoding (`prompt_lookup_num_tokens=10`), greedy;
-* `medusa`: the engine, greedy, with `--heads` on `--tree`;
+* `medusa`: the engine, greedy, with `--heads` on `--tree` (plus the `--lookup` branch);
 * `medusa-typical`: the engine at `--temperature` (default 0.7) with typical acceptance; the
   sampler is reseeded per prompt (`--seed` + prompt index), so each answer is reproducible.
 
@@ -14,7 +14,8 @@ All methods share one loaded model and run in one process, interleaved (for each
 method), after one warm-up call each; device work is synchronised before each clock read. Greedy
 methods are compared token for token with `hf`; a difference is reported per prompt with its first
 differing position. `--tree-sweep cpu_8,cpu_16,...` adds the greedy engine on each of those trees
-(label `medusa@NAME`; the `--tree` one reuses `medusa`) on the same prompts. Metric definitions:
+(label `medusa@NAME`, heads only: no lookup branch; the `--tree` one reuses `medusa`) on the same
+prompts. Metric definitions:
 `eval/metrics.py`; outputs: `eval/report.py`. Progress goes to stderr; stdout is a table, then one
 JSON line.
 
@@ -173,13 +174,13 @@ def _methods(
             raise CLIError("medusa-typical needs --temperature > 0")
         seed = 0 if args.seed is None else args.seed
         sampling = SamplingConfig(temperature=args.temperature, seed=seed)
-        typical = MedusaGenerator(model, greedy.drafter, "plain", sampling, lookup=greedy.lookup)
-        typical.tree = greedy.tree  # the same tree (incl. any lookup branch) as `medusa`
+        typical = MedusaGenerator(model, greedy.drafter, greedy.heads_tree, sampling,
+                                  lookup=greedy.lookup)  # fmt: skip
         out.append(Method("medusa-typical", _engine_call(typical), typical, seed, str(args.tree)))
     for name in sweep:
         if name == str(args.tree) and "medusa" in methods:
             continue  # the `medusa` runs are this tree's
-        engine = MedusaGenerator(model, greedy.drafter, name, SamplingConfig())  # no lookup
+        engine = MedusaGenerator(model, greedy.drafter, name, SamplingConfig())  # heads only
         out.append(Method(f"medusa@{name}", _engine_call(engine), engine, tree=name))
     return out
 

@@ -88,6 +88,8 @@ def load_engine(args: argparse.Namespace):
 
     if args.max_new_tokens <= 0:
         raise CLIError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
+    if args.lookup < 0:
+        raise CLIError(f"--lookup must be >= 0, got {args.lookup}")
     sampling = SamplingConfig(temperature=args.temperature, seed=args.seed)
     source = resolve_model(args.model)
     heads_dir: Path | None
@@ -104,8 +106,6 @@ def load_engine(args: argparse.Namespace):
     tree = "plain" if args.tree == "auto" else _tree_arg(args.tree)
     quiet_transformers()
     model = HFModel.load(source, dtype=args.dtype, device=args.device, attention=args.attention)
-    if args.lookup < 0:
-        raise CLIError(f"--lookup must be >= 0, got {args.lookup}")
     engine = MedusaGenerator(model, heads, tree, sampling, lookup=args.lookup)
     if args.tree == "auto" and heads is not None:
         from medusa_engine.tune import auto_tree

@@ -134,14 +134,13 @@ class RecurrentDrafter:
         self.embed = model.model.get_input_embeddings()
         self.vocab_M = self.heads.draft_vocab_M
         self.lm_ME = model.lm_head.weight.detach()[self.vocab_M].contiguous()
-        self._plans: dict[int, tuple[TreeBuffers, list[_DepthPlan]]] = {}
+        self._plan_of: tuple[TreeBuffers, list[_DepthPlan]] | None = None
 
     def _plan(self, tree: TreeBuffers) -> list[_DepthPlan]:
-        cached = self._plans.get(id(tree))
-        if cached is None or cached[0] is not tree:
-            cached = (tree, depth_plans(tree))
-            self._plans = {id(tree): cached}  # one tree at a time: keep only the latest
-        return cached[1]
+        """The depth plans of `tree` (kept for the latest tree: it changes rarely)."""
+        if self._plan_of is None or self._plan_of[0] is not tree:
+            self._plan_of = (tree, depth_plans(tree))
+        return self._plan_of[1]
 
     @torch.inference_mode()
     def draft(
@@ -208,13 +207,18 @@ def with_lookup_branch(tree: TreeBuffers, length: int) -> TreeBuffers:
 
 def lookup(token_ids: Sequence[int], length: int, max_ngram: int = 3) -> list[int]:
     """Prompt-lookup decoding's guess: the `length` tokens that followed the latest earlier
-    occurrence of the longest suffix n-gram (n <= max_ngram) of `token_ids`; [] if none."""
+    occurrence of the longest suffix n-gram (n <= max_ngram) of `token_ids`; [] if none.
+
+    Runs once per step on the host: candidate starts are the earlier positions of the last token
+    (one C-level scan), and only those are compared further."""
     seq = list(token_ids)
+    last = seq[-1] if seq else None
+    ends = [i for i, t in enumerate(seq[:-1]) if t == last]  # earlier occurrences of the last token
     for n in range(min(max_ngram, len(seq) - 1), 0, -1):
         tail = seq[-n:]
-        for start in range(len(seq) - n - 1, -1, -1):
-            if seq[start : start + n] == tail:
-                return seq[start + n : start + n + length]
+        for end in reversed(ends):
+            if end - n + 1 >= 0 and seq[end - n + 1 : end + 1] == tail:
+                return seq[end + 1 : end + 1 + length]
     return []
 
 
@@ -255,8 +259,9 @@ class LookupDrafter:
             if self.inner is not None and inner.num_nodes > 1
             else root.reshape(1)
         )
-        guess = lookup([*token_ids, int(root)], self.length)
-        guess += [int(root)] * (self.length - len(guess))  # no match: filler, simply rejected
+        root_id = int(root)  # the lookup runs on the host
+        guess = lookup([*token_ids, root_id], self.length)
+        guess += [root_id] * (self.length - len(guess))  # no match: filler, simply rejected
         return torch.cat(
             [tokens_N, torch.tensor(guess, dtype=tokens_N.dtype, device=tokens_N.device)]
         )

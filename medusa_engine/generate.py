@@ -6,7 +6,8 @@ Token ids in, token ids out: this module knows nothing about text. One step (Med
 
 1. the drafter fills the tree from the hidden state of the last kept token: the root is the base
    model's own next token, deeper nodes the heads' top-k (Medusa heads: from that hidden state
-   alone; recurrent heads: also from the tokens on the node's path; see `drafters.py`);
+   alone; recurrent heads: also from the tokens on the node's path; with `lookup` > 0 a chain
+   under the root holds a prompt-lookup guess; see `drafters.py`);
 2. one forward of the base model verifies all N nodes (tree mask + position ids over the cache);
 3. the acceptance rule keeps the longest valid prefix of one path, plus the base model's next
    token after it (the bonus token, the next root);
@@ -102,9 +103,10 @@ class MedusaGenerator:
             tree = build_tree([tuple(p) for p in tree], num_heads)
         if tree.num_heads > num_heads:
             raise ValueError(f"tree is {tree.num_heads} deep but the drafter has {num_heads} heads")
-        if self.lookup > 0:
-            tree = with_lookup_branch(tree, self.lookup)
-        self.tree = tree.to(self.model.device)
+        self.heads_tree = tree.to(self.model.device)  # without the lookup branch
+        self.tree = (
+            with_lookup_branch(self.heads_tree, self.lookup) if self.lookup else self.heads_tree
+        )
 
     # ---- public API -------------------------------------------------------------------------
 

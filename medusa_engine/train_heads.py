@@ -285,28 +285,23 @@ def train(
     random.seed(cfg.seed)
     heads = make_heads(model, cfg)
     module = HeadsLoss(heads, model.lm_head.weight, cfg)
-    global_batch = cfg.batch_size * acc.num_processes
-    per_epoch = len(examples) // global_batch
-    if per_epoch == 0:
-        raise TrainError(f"{len(examples)} examples are fewer than one batch of {global_batch}")
 
-    def batch_loss(step: int, module: Any) -> Any:
-        order = batch_order(len(examples), global_batch, step // per_epoch, cfg.seed)
-        rows = order[step % per_epoch][acc.process_index :: acc.num_processes]
+    def batch_loss(rows: list[int], module: Any) -> Any:
         batch = {k: v.to(acc.device) for k, v in collate([examples[i] for i in rows]).items()}
         hidden_BTE = base_hidden(model, batch["ids_BT"], batch["lengths_B"])
         return module(hidden_BTE, batch)
 
-    return optimize(heads, module, batch_loss, cfg, per_epoch, acc, checkpoint_path, resume,
-                    on_step)  # fmt: skip
+    return optimize(heads, module, batch_loss, cfg, len(examples), "examples", acc,
+                    checkpoint_path, resume, on_step)  # fmt: skip
 
 
 def optimize(
     heads: AnyHeads,
     module: nn.Module,
-    batch_loss: Callable[[int, Any], Any],
+    batch_loss: Callable[[list[int], Any], Any],
     cfg: TrainConfig,
-    per_epoch: int,
+    num_items: int,
+    items: str,
     acc: Any,
     checkpoint_path: Path | None,
     resume: bool,
@@ -315,9 +310,14 @@ def optimize(
     """The optimisation loop both kinds of heads share: AdamW + warm-up/cosine schedule, mixed
     precision with loss scaling, gradient clipping, atomic checkpoints and `resume`.
 
-    `batch_loss(step, wrapped_module)` -> (loss, hits_K, counts_K) computes step `step`'s batch
-    (its data order is a function of the step alone, so a resumed run sees the same batches).
+    `batch_loss(rows, wrapped_module)` -> (loss, hits_K, counts_K) for the items `rows` (indices
+    into the `num_items` training items, this process's share of the global batch). The data
+    order is a function of the step alone (`batch_order`), so a resumed run sees the same batches.
     """
+    global_batch = cfg.batch_size * acc.num_processes
+    per_epoch = num_items // global_batch
+    if per_epoch == 0:
+        raise TrainError(f"{num_items} {items} are fewer than one batch of {global_batch}")
     params = [p for p in heads.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     total = cfg.steps or cfg.epochs * per_epoch
@@ -340,9 +340,14 @@ def optimize(
     module, optimizer = acc.prepare(module, optimizer)
     result = TrainResult(heads)
     start = time.perf_counter()
+    epoch, order = -1, []
     while step < total:
+        if step // per_epoch != epoch:
+            epoch = step // per_epoch
+            order = batch_order(num_items, global_batch, epoch, cfg.seed)
+        rows = order[step % per_epoch][acc.process_index :: acc.num_processes]
         with autocast(policy, acc.device):
-            loss, hits_K, counts_K = batch_loss(step, module)
+            loss, hits_K, counts_K = batch_loss(rows, module)
         acc.backward(scaler.scale(loss))
         if cfg.grad_clip > 0:
             scaler.unscale_(params)  # clip the true gradients; the scaler then sees scale 1

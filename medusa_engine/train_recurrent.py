@@ -245,13 +245,6 @@ def evaluate_recurrent(
     }  # fmt: skip
 
 
-def position_order(n: int, batch: int, epoch: int, seed: int) -> torch.Tensor:
-    """The epoch's batches of position indices (full ones only): a seeded permutation."""
-    g = torch.Generator().manual_seed(seed * 1000003 + epoch)
-    perm = torch.randperm(n, generator=g)
-    return perm[: n - n % batch].view(-1, batch)
-
-
 def train_recurrent(
     model: Any,
     features: Features,
@@ -265,7 +258,7 @@ def train_recurrent(
     """Train recurrent heads on the cached `features` at `positions`; returns a TrainResult."""
     from accelerate import Accelerator
 
-    from medusa_engine.train_heads import TrainError, optimize
+    from medusa_engine.train_heads import optimize
 
     acc = accelerator or Accelerator(cpu=model.device.type == "cpu")
     model.model.requires_grad_(False)
@@ -276,15 +269,9 @@ def train_recurrent(
     embed_VE = model.model.get_input_embeddings().weight.detach()
     module = RecurrentLoss(heads, embed_VE, model.lm_head.weight.detach(), cfg.decay,
                            cfg.feature_weight)  # fmt: skip
-    global_batch = cfg.batch_size * acc.num_processes
-    per_epoch = len(positions) // global_batch
-    if per_epoch == 0:
-        raise TrainError(f"{len(positions)} positions are fewer than one batch of {global_batch}")
 
-    def batch_loss(step: int, module: Any) -> Any:
-        batches = position_order(len(positions), global_batch, step // per_epoch, cfg.seed)
-        rows = batches[step % per_epoch][acc.process_index :: acc.num_processes]
+    def batch_loss(rows: list[int], module: Any) -> Any:
         return module(features, positions[rows])
 
-    return optimize(heads, module, batch_loss, cfg, per_epoch, acc, checkpoint_path, resume,
-                    on_step)  # fmt: skip
+    return optimize(heads, module, batch_loss, cfg, len(positions), "positions", acc,
+                    checkpoint_path, resume, on_step)  # fmt: skip

@@ -115,7 +115,7 @@ def measure_latency(
     )
     session = model.new_session()
     hidden_E, root = engine._prefill(prompt.tolist(), session)
-    saved_tree = engine.tree
+    saved = engine.heads_tree
     latency: dict[int, float] = {}
     try:
         for size in sizes:
@@ -136,7 +136,7 @@ def measure_latency(
             if progress:
                 progress(f"step with {size:>3} nodes: {latency[size]:.2f} ms")
     finally:
-        engine.tree = saved_tree
+        engine.set_tree(saved)
     return latency
 
 
