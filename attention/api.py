@@ -17,16 +17,17 @@ Static shapes: with `kv_len` (int tensor [] or [B], may live on the device), k a
 preallocated buffer of S >= K slots of which the first kv_len are valid; the new tokens are the
 last Q valid keys and slots past kv_len are never attended (they must hold finite values).
 
-Per call this entry validates the block (one host sync) and derives the backend's mask form; a
-decode loop with a fixed tree can prepare them once and call `flex.attention_flex` (block mask
-from `flex.flex_block_mask`) or `triton_kernel.attention_triton` (bits from
-`masks.tree_bitmask_QW`) directly, as `eval/bench_attention.py` does.
+Per call this entry validates the block (one host sync) and derives the backend's mask form. A
+decode loop prepares them once per forward instead: `prepare_static` (no host sync, nothing
+checked on the device) gives a `StaticMask` that every layer passes to `attention_static`, so a
+step with a device-side cache length can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Literal
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 
@@ -134,3 +135,90 @@ def attention(
         _, lse = attention_reference(q_BHQD, k_BGKD, v_BGKD, mask, scale, q_BHQD.dtype)
         return out, lse
     return out
+
+
+@dataclass(frozen=True)
+class StaticMask:
+    """One forward's mask in the form its backend wants, over a buffer of `n_slots` key slots.
+
+    Built by `prepare_static`; shared by every layer of the forward. `kv_len_B` (int32 [B], on
+    the device) is the valid length after this forward's Q keys were written.
+    """
+
+    backend: str
+    q_len: int
+    n_slots: int
+    kv_len_B: torch.Tensor
+    mask_B1QS: torch.Tensor | None = None  # reference, sdpa
+    bits_QW: torch.Tensor | None = None  # triton (None: no structure)
+    block_mask: Any = None  # flex (a BlockMask)
+
+
+def prepare_static(
+    backend: str,
+    q_len: int,
+    n_slots: int,
+    kv_len_B: torch.Tensor,
+    *,
+    tree_mask_QQ: torch.Tensor | None = None,
+    tree_bits_QW: torch.Tensor | None = None,
+) -> StaticMask:
+    """The mask of Q new tokens over a preallocated buffer whose first kv_len_B keys are valid.
+
+    `tree_mask_QQ` structures the last Q x Q block (None: every query sees every valid key, as in
+    one-token decoding); `tree_bits_QW` may carry its packed bits, prepared once per tree, for
+    `triton`. Tensor arithmetic only: no host sync and no value checks (the tree was checked when
+    it was built), so a forward that calls this can be captured in a CUDA graph.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(
+            f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}"
+        )
+    if kv_len_B.dtype != torch.int32 or kv_len_B.ndim != 1:
+        raise ValueError(f"kv_len_B must be int32 [B], got {kv_len_B.dtype} {kv_len_B.shape}")
+    if tree_mask_QQ is not None and tree_mask_QQ.shape != (q_len, q_len):
+        raise ValueError(f"tree mask must be [{q_len}, {q_len}], got {tuple(tree_mask_QQ.shape)}")
+    if backend == "triton":
+        if tree_bits_QW is None and tree_mask_QQ is not None:
+            tree_bits_QW = tree_bitmask_QW(tree_mask_QQ)
+        return StaticMask(backend, q_len, n_slots, kv_len_B, bits_QW=tree_bits_QW)
+    if backend == "flex":
+        from attention.flex import flex_block_mask
+
+        block = flex_block_mask(q_len, n_slots, kv_len_B, block_QQ=tree_mask_QQ)
+        return StaticMask(backend, q_len, n_slots, kv_len_B, block_mask=block)
+    mask = padded_mask_BQS(q_len, n_slots, kv_len_B, block_QQ=tree_mask_QQ)[:, None]
+    return StaticMask(backend, q_len, n_slots, kv_len_B, mask_B1QS=mask)
+
+
+def attention_static(
+    q_BHQD: torch.Tensor,
+    k_BGSD: torch.Tensor,
+    v_BGSD: torch.Tensor,
+    mask: StaticMask,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """out_BHQD of Q new tokens over whole key buffers [B, G, S, D], masked by `prepare_static`."""
+    if q_BHQD.shape[2] != mask.q_len or k_BGSD.shape[2] != mask.n_slots:
+        raise ValueError(
+            f"mask prepared for Q={mask.q_len} over S={mask.n_slots} slots, got q "
+            f"{tuple(q_BHQD.shape)} and k {tuple(k_BGSD.shape)}"
+        )
+    scale = 1.0 / math.sqrt(q_BHQD.shape[-1]) if scale is None else scale
+    if mask.backend == "triton":
+        from attention.triton_kernel import attention_triton
+
+        return attention_triton(
+            q_BHQD, k_BGSD, v_BGSD, scale=scale, kv_len_B=mask.kv_len_B,
+            tree_bits_QW=mask.bits_QW,
+        )[0]  # fmt: skip
+    if mask.backend == "flex":
+        from attention.flex import attention_flex
+
+        return attention_flex(
+            q_BHQD, k_BGSD, v_BGSD, scale=scale, kv_len_B=mask.kv_len_B,
+            block_mask=mask.block_mask, return_lse=False,
+        )[0]  # fmt: skip
+    if mask.backend == "reference":
+        return attention_reference(q_BHQD, k_BGSD, v_BGSD, mask.mask_B1QS, scale)[0]
+    return attention_sdpa(q_BHQD, k_BGSD, v_BGSD, mask.mask_B1QS, scale)

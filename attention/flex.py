@@ -111,10 +111,11 @@ def flex_block_mask(
 @functools.cache
 def _compiled_flex() -> Callable[..., tuple[torch.Tensor, AuxOutput] | torch.Tensor]:
     # One compiled callable per process, built on first use (not at import); torch.compile
-    # caches its graphs on it. With kv_len over a fixed buffer the shapes never change: one
-    # graph. Without it, K changes every step; the default `dynamic=None` then recompiles
-    # once with a dynamic K (measured on a CPU: 2 graphs for K = 40, 150, 290, 300).
-    return torch.compile(flex_attention)  # type: ignore[return-value]
+    # caches its graphs on it, one per shape. Static shapes only: after a second shape the
+    # default `dynamic=None` recompiles with symbolic sizes, and on an H100 (torch 2.11) the flex
+    # template then has no valid kernel choice for a symbolic query length (NoValidChoicesError).
+    # Over a preallocated cache (kv_len given) the shapes of a decode loop do not change.
+    return torch.compile(flex_attention, dynamic=False)  # type: ignore[return-value]
 
 
 def attention_flex(
@@ -149,12 +150,17 @@ def attention_flex(
     fn: Callable[..., tuple[torch.Tensor, AuxOutput] | torch.Tensor]
     fn = _compiled_flex() if use_compiled else flex_attention  # type: ignore[assignment]
     aux_request = AuxRequest(lse=True) if return_lse else None
+    gqa = q_BHQD.shape[1] != k_BGSD.shape[1]
+    # Under Q < 128 inductor picks its flex-decoding template, which packs a kv head's query
+    # heads into one block; with GQA and a tree of Q = 64 (4 x 64 rows) it found no valid config
+    # on an H100 (torch 2.11, NoValidChoicesError). The main template takes such shapes.
+    options = {"BACKEND": "TRITON"} if gqa and q_len > 1 else None
     with warnings.catch_warnings():
         # The eager path warns that it is unfused; on a CPU and in tests that is the point.
         warnings.filterwarnings("ignore", message=".*without torch.compile.*")
         result = fn(
             q_BHQD, k_BGSD, v_BGSD, block_mask=block_mask, scale=scale,
-            enable_gqa=q_BHQD.shape[1] != k_BGSD.shape[1], return_aux=aux_request,
+            enable_gqa=gqa, return_aux=aux_request, kernel_options=options,
         )  # fmt: skip
     if not return_lse:
         assert isinstance(result, torch.Tensor)

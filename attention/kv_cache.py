@@ -16,8 +16,13 @@ tokens would hold, because the positions (RoPE) of tree nodes are their depths, 
 their positions on the accepted path.
 
 No transformers here: `medusa_engine/hf_adapter.py` wraps this class as a transformers `Cache`.
-For static-shape attention (`attention(..., kv_len=...)`, CUDA graphs later) use `buffers(layer)`
-together with `length_tensor`, a device tensor whose storage never changes.
+For static-shape attention (`attention(..., kv_len=...)`) use `buffers(layer)` together with
+`length_tensor`, a device tensor whose storage never changes.
+
+Device-side bookkeeping (a step captured in a CUDA graph, `medusa_engine/static_step.py`):
+`write` puts new keys at slots given as a device tensor and `move` copies slots to slots, neither
+reading nor changing the host lengths; the caller tracks the length and sets it with
+`set_length` when it hands the cache back to host-side code.
 """
 
 from __future__ import annotations
@@ -183,6 +188,34 @@ class StaticKVCache:
         forward's Q tokens, `length_tensor` is the valid length every layer attends over.
         """
         return self.keys_LBGSD[layer], self.values_LBGSD[layer]
+
+    def write(
+        self, layer: int, slots_Q: torch.Tensor, k_new_BGQD: torch.Tensor, v_new_BGQD: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write Q new tokens at slots `slots_Q` (int64, on the cache's device); return buffers.
+
+        No bounds check (it would read the slots on the host): the caller keeps the slots below
+        `max_length`. Host lengths are left as they are. Returns `buffers(layer)`.
+        """
+        self.keys_LBGSD[layer].index_copy_(2, slots_Q, k_new_BGQD)
+        self.values_LBGSD[layer].index_copy_(2, slots_Q, v_new_BGQD)
+        return self.buffers(layer)
+
+    def move(self, src_n: torch.Tensor, dst_n: torch.Tensor) -> None:
+        """Copy slots `src_n` to slots `dst_n` (int64 device tensors) in every layer, keys and values.
+
+        One gather and one scatter per buffer; the gather copies first, so the two sets may
+        overlap. Host lengths are left as they are.
+        """
+        for buf_LBGSD in (self.keys_LBGSD, self.values_LBGSD):
+            buf_LBGSD.index_copy_(3, dst_n, buf_LBGSD.index_select(3, src_n))
+
+    def set_length(self, length: int) -> None:
+        """Declare the first `length` slots of every layer valid (after device-side steps)."""
+        if not 0 <= length <= self.max_length:
+            raise ValueError(f"length {length} is outside [0, {self.max_length}]")
+        for layer in range(self.num_layers):
+            self._set_length(layer, length)
 
     # ---- whole-cache edits -------------------------------------------------------------------
 

@@ -160,13 +160,18 @@ def _combine_kernel(
 
 
 def default_num_splits(n_programs: int, n_kv_blocks: int, device: torch.device) -> int:
-    """Enough kv splits that the grid covers the GPU about twice; 1 for a busy grid."""
+    """As many kv splits as fill the GPU's multiprocessors once (one wave); 1 for a busy grid.
+
+    Measured on an H100 (132 SMs; 64 tree queries, 32 kv heads x 128, bf16, graph replays):
+    4 splits read a 4k / 16k cache at 1.43 / 2.38 TB/s, 9 splits (two waves) at 1.27 / 1.92,
+    18 at 1.11 / 1.95 (`python -m eval.bench_attention --sweep`).
+    """
     n_sm = (
         torch.cuda.get_device_properties(device).multi_processor_count
         if device.type == "cuda"
         else 4
     )
-    return max(1, min(n_kv_blocks, math.ceil(2 * n_sm / n_programs)))
+    return max(1, min(n_kv_blocks, n_sm // n_programs))
 
 
 def _launch(

@@ -14,7 +14,11 @@ Causal prefill: Q = K (8k) with SDPA's flash backend as the baseline, in TFLOP/s
 The tree is static, so its mask is prepared once outside the timed region for every backend (a
 bool [Q, K] mask for SDPA, a block mask for flex, bits for Triton), as an engine would. Timing:
 warm-up, then CUDA events around each call, the L2 cache flushed before each (so the cache is
-read from HBM), median reported. Each backend's output is checked against SDPA (max abs diff).
+read from HBM), median reported. Each call is timed twice: launched from Python (`us`), and
+replayed from a CUDA graph captured around it (`graph us`, the figure the bandwidth columns use),
+which is how the engine's static step runs it: at 4k keys a call is short enough (tens of
+microseconds) that Python's launch overhead, not the GPU, sets the eager time. Each backend's
+output is checked against SDPA (max abs diff).
 
     python -m eval.bench_attention            # prints a table, then one JSON line
 """
@@ -27,6 +31,7 @@ import math
 import statistics
 import sys
 from collections.abc import Callable
+from functools import partial
 
 import torch
 
@@ -52,6 +57,19 @@ def cuda_time(fn: Callable[[], object], warmup: int, iters: int, flush_l2: bool)
         events.append((start, end))
     torch.cuda.synchronize()
     return statistics.median(s.elapsed_time(e) for s, e in events) / 1e3
+
+
+def graph_of(fn: Callable[[], object]) -> Callable[[], object]:
+    """fn captured in a CUDA graph (after a warm-up on a side stream); returns its replay."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
 
 
 def random_tree(n: int, seed: int) -> torch.Tensor:
@@ -107,6 +125,33 @@ def backends_for(
     return {"sdpa-efficient": sdpa_efficient, "flex": flex, "triton": triton}
 
 
+def triton_variants(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tree_QQ: torch.Tensor | None, causal: bool
+) -> dict[str, Callable[[], torch.Tensor]]:
+    """The Triton kernel at other tile sizes / kv splits than its defaults (`--sweep`)."""
+    from attention.triton_kernel import attention_triton, default_num_splits
+
+    kv_len_B = torch.full((q.shape[0],), k.shape[2], dtype=torch.int32, device=q.device)
+    bits_QW = None if tree_QQ is None else tree_bitmask_QW(tree_QQ)
+    rows = q.shape[1] // k.shape[1] * q.shape[2]
+    n_m = max(1, math.ceil(rows / 64))
+    variants: dict[str, Callable[[], torch.Tensor]] = {}
+    for block_n in (64, 128):
+        auto = default_num_splits(n_m * k.shape[1], math.ceil(k.shape[2] / block_n), q.device)
+        for splits in sorted({max(1, auto // 2), auto, 2 * auto}):
+            if (block_n, splits) == (64, auto):
+                continue  # the default, already timed as `triton`
+
+            def fn(bn: int = block_n, p: int = splits) -> torch.Tensor:
+                return attention_triton(
+                    q, k, v, scale=q.shape[-1] ** -0.5, kv_len_B=kv_len_B, causal=causal,
+                    tree_bits_QW=bits_QW, num_splits=p, block_n=bn,
+                )[0]  # fmt: skip
+
+            variants[f"triton-n{block_n}-p{splits}"] = partial(fn, block_n, splits)
+    return variants
+
+
 def run_case(
     case: str, q_len: int, kv_len: int, args: argparse.Namespace, dtype: torch.dtype
 ) -> list[dict]:
@@ -119,6 +164,8 @@ def run_case(
     causal = case == "prefill"
     tree_QQ = None if causal else random_tree(q_len, seed=kv_len).cuda()
     fns = backends_for(q, k, v, tree_QQ, causal)
+    if args.sweep:
+        fns |= triton_variants(q, k, v, tree_QQ, causal)
     baseline_out = next(iter(fns.values()))()
     kv_bytes = 2 * k.numel() * k.element_size()
     flops = 4 * args.heads * q_len * kv_len * args.head_dim / (2 if causal else 1)
@@ -126,10 +173,16 @@ def run_case(
     for name, fn in fns.items():
         row: dict = {"case": case, "backend": name, "q": q_len, "k": kv_len}
         try:
-            seconds = cuda_time(fn, args.warmup, args.iters, not args.no_flush_l2)
+            eager_s = cuda_time(fn, args.warmup, args.iters, not args.no_flush_l2)
             out = fn()
+            try:
+                seconds = cuda_time(graph_of(fn), args.warmup, args.iters, not args.no_flush_l2)
+                row["graph_us"] = seconds * 1e6
+            except Exception as exc:  # noqa: BLE001 - a backend that cannot be captured
+                row["graph_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+                seconds = eager_s
             row.update(
-                us=seconds * 1e6,
+                us=eager_s * 1e6,
                 kv_tb_s=kv_bytes / seconds / 1e12,
                 tflop_s=flops / seconds / 1e12,
                 max_diff_vs_baseline=(out.float() - baseline_out.float()).abs().max().item(),
@@ -155,14 +208,18 @@ def environment(dtype_name: str) -> dict:
 
 
 def format_table(rows: list[dict]) -> str:
-    head = f"{'case':<8} {'backend':<15} {'Q':>5} {'K':>6} {'us':>9} {'KV TB/s':>8} {'TFLOP/s':>8} {'diff':>8}"
+    head = (
+        f"{'case':<8} {'backend':<18} {'Q':>5} {'K':>6} {'us':>9} {'graph us':>9} "
+        f"{'KV TB/s':>8} {'TFLOP/s':>8} {'diff':>8}"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         if "error" in r:
-            lines.append(f"{r['case']:<8} {r['backend']:<15} {r['q']:>5} {r['k']:>6}  {r['error']}")
+            lines.append(f"{r['case']:<8} {r['backend']:<18} {r['q']:>5} {r['k']:>6}  {r['error']}")
             continue
         lines.append(
-            f"{r['case']:<8} {r['backend']:<15} {r['q']:>5} {r['k']:>6} {r['us']:>9.1f} "
+            f"{r['case']:<8} {r['backend']:<18} {r['q']:>5} {r['k']:>6} {r['us']:>9.1f} "
+            f"{r.get('graph_us', float('nan')):>9.1f} "
             f"{r['kv_tb_s']:>8.3f} {r['tflop_s']:>8.1f} {r['max_diff_vs_baseline']:>8.1e}"
         )
     return "\n".join(lines)
@@ -184,6 +241,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--no-flush-l2", action="store_true", help="time with a warm L2 cache")
+    p.add_argument("--sweep", action="store_true", help="also time Triton tile/split variants")
     return p.parse_args(argv)
 
 

@@ -9,7 +9,11 @@ of `--prefix` tokens, with 1 new token (plain decoding) and with trees of 16/32/
 * `hf-static-compiled`: transformers' `StaticCache` with the forward under
   `torch.compile(mode="reduce-overhead")` (CUDA graphs) - failures are reported, not hidden;
 * `engine-<backend>`: the engine's full verification step (`MedusaGenerator._step`: heads,
-  candidates, forward, acceptance, compaction) on our attention backend over the static cache.
+  candidates, forward, acceptance, compaction) on our attention backend over the static cache;
+* `engine-graph-<backend>`: the same step as a `StaticStep` (static shapes, bookkeeping on the
+  device) captured in one CUDA graph per tree size; timed per step with the state load, the
+  replay and the host's read of the emitted tokens (what a streaming loop pays). Size 1 is plain
+  decoding through the same graph.
 
 Warm-up, device synchronisation, median of `--repeats`; prints a table, then one JSON line.
 
@@ -25,6 +29,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -92,8 +97,38 @@ def bench_engine(model_hf, attention: str, sizes: Sequence[int], prefix: int, re
     model_hf.get_decoder().set_attn_implementation("sdpa")  # give the model back as it came
 
 
+def bench_engine_graph(model_hf, attention: str, sizes: Sequence[int], prefix: int,
+                       repeats: int, out: dict) -> None:  # fmt: skip
+    """Time a CUDA-graph-captured `StaticStep` (drafting to compaction) for each tree size."""
+    from medusa_engine.config import HeadsConfig
+    from medusa_engine.drafters import make_drafter
+    from medusa_engine.generate import MedusaGenerator
+    from medusa_engine.heads import MedusaHeads
+    from medusa_engine.hf_adapter import HFModel
+    from medusa_engine.static_step import StaticStep
+    from medusa_engine.tune import synthetic_tree
+
+    model = HFModel(model_hf, name="random", attention=attention)
+    heads = MedusaHeads(HeadsConfig(4, 1, model.hidden_size, model.vocab_size))
+    drafter = make_drafter(heads, model)
+    engine = MedusaGenerator(model, heads, "plain")
+    ids = torch.randint(3, model.vocab_size, (prefix,), generator=torch.Generator().manual_seed(0))
+    session = model.new_session(capacity=prefix + max(sizes) + 8)
+    hidden_E, root = engine._prefill(ids.tolist(), session)
+    hidden_E = hidden_E.clone()
+    for size in sizes:
+        tree = synthetic_tree(size, 4)
+        step = StaticStep(model, drafter if size > 1 else None, tree, session)
+        out[size] = _timed(partial(step.run, hidden_E, root, prefix), model.device, repeats)
+    model_hf.get_decoder().set_attn_implementation("sdpa")  # give the model back as it came
+
+
 def bench_hf_static(model_hf, sizes: Sequence[int], prefix: int, repeats: int, out: dict) -> None:
-    """transformers' StaticCache + compiled forward (CUDA graphs); each size is its own graph."""
+    """transformers' StaticCache + compiled forward (CUDA graphs); each size is its own graph.
+
+    Each size gets a fresh compilation with static shapes: recompiling the first graph with a
+    dynamic token count failed on an H100 (device-side index assert, torch 2.11).
+    """
     from transformers import StaticCache
 
     device = model_hf.device
@@ -101,13 +136,15 @@ def bench_hf_static(model_hf, sizes: Sequence[int], prefix: int, repeats: int, o
     ids = torch.randint(3, model_hf.config.vocab_size, (1, prefix), device=device)
     with torch.inference_mode():
         model_hf(input_ids=ids, past_key_values=cache, use_cache=True)
-    compiled = torch.compile(model_hf.forward, mode="reduce-overhead", fullgraph=False)
     for size in sizes:
+        torch._dynamo.reset()
+        compiled = torch.compile(model_hf.forward, mode="reduce-overhead", dynamic=False)
         tokens = torch.randint(3, model_hf.config.vocab_size, (1, size), device=device)
         positions = torch.arange(prefix, prefix + size, device=device)[None]
 
-        def call(t: torch.Tensor = tokens, p: torch.Tensor = positions, n: int = size) -> object:
-            return compiled(input_ids=t, position_ids=p, cache_position=p[0],
+        def call(t: torch.Tensor = tokens, p: torch.Tensor = positions, n: int = size,
+                 fn: Any = compiled) -> object:  # fmt: skip
+            return fn(input_ids=t, position_ids=p, cache_position=p[0],
                             past_key_values=cache, use_cache=True, logits_to_keep=n)  # fmt: skip
 
         try:
@@ -125,7 +162,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--prefix", type=int, default=512, help="tokens already in the cache")
     p.add_argument("--sizes", default="1,16,32,64", help="tree sizes (1 = plain decoding)")
     p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--methods", default="hf-eager,hf-static-compiled,engine-sdpa,engine-triton")
+    p.add_argument(
+        "--methods",
+        default="hf-eager,engine-triton,engine-graph-triton,engine-graph-sdpa,hf-static-compiled",
+        help="hf-static-compiled last: a failure inside a CUDA graph can poison the context",
+    )
     args = p.parse_args(argv)
     from transformers.utils import logging as hf_logging
 
@@ -142,6 +183,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 bench_engine_forward_only(model_hf, sizes, args.prefix, args.repeats, row)
             elif method == "hf-static-compiled":
                 bench_hf_static(model_hf, sizes, args.prefix, args.repeats, row)
+            elif method.startswith("engine-graph-"):
+                bench_engine_graph(model_hf, method.removeprefix("engine-graph-"), sizes,
+                                   args.prefix, args.repeats, row)  # fmt: skip
             elif method.startswith("engine-"):
                 bench_engine(model_hf, method.removeprefix("engine-"), sizes, args.prefix,
                              args.repeats, row)  # fmt: skip
@@ -149,12 +193,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise ValueError(f"unknown method {method!r}")
         except Exception as err:  # noqa: BLE001
             row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
-        print(f"{method} done", file=sys.stderr, flush=True)
+        print(f"{method} done: {row}", file=sys.stderr, flush=True)  # kept if a later one hangs
 
-    print(f"{'method':<22}" + "".join(f"{f'{s} nodes':>12}" for s in sizes) + "   (ms per step)")
+    last = sizes[-1]
+    print(f"{'method':<22}" + "".join(f"{f'{s} nodes':>12}" for s in sizes)
+          + f"{f'{last}/1':>8}   (ms per step)")  # fmt: skip
     for method, row in results.items():
         cells = [row.get(s) for s in sizes]
         text = [f"{c:>12.2f}" if isinstance(c, float) else f"{'-':>12}" for c in cells]
+        big, one = row.get(last), row.get(1)
+        ratio = big / one if isinstance(big, float) and isinstance(one, float) else None
+        text.append(f"{ratio:>8.2f}" if ratio is not None else f"{'-':>8}")
         print(f"{method:<22}" + "".join(text) + (f"   {row['error']}" if "error" in row else ""))
     summary = {
         "benchmark": "step_latency", "preset": args.preset, "dtype": args.dtype,

@@ -24,10 +24,12 @@ def accept_greedy(
     pred_PL = pred_N[paths_PL]  # -1 padding reads the last node; never compared to a real token
     match_PL = candidates_PL[:, 1:] == pred_PL[:, :-1]
     accepted_P = match_PL.to(torch.int64).cumprod(dim=1).sum(dim=1)
-    best = accepted_P.argmax()
-    accepted = accepted_P[best]
-    next_token = pred_N[paths_PL[best, accepted]]
-    return torch.stack([best, accepted, next_token])
+    # 1-element index tensors throughout: indexing with a 0-d tensor reads it on the host, which
+    # would sync (and break CUDA-graph capture of the step).
+    best_1 = accepted_P.argmax(dim=0, keepdim=True)
+    accepted_1 = accepted_P.gather(0, best_1)
+    last_1 = paths_PL.index_select(0, best_1)[0].gather(0, accepted_1)
+    return torch.cat([best_1, accepted_1, pred_N.gather(0, last_1)])
 
 
 def typical_threshold(logits_NV: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:

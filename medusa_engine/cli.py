@@ -74,6 +74,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         help="a prompt-lookup branch of N nodes under the tree's root: the tokens that followed "
         f"the text's last n-gram earlier on (default {DEFAULT_LOOKUP}; 0 = none)",
     )
+    p.add_argument(
+        "--static-step",
+        action="store_true",
+        help="run each verification step with static shapes and device-side bookkeeping, "
+        "captured as one CUDA graph on a GPU (greedy; needs --attention sdpa/flex/triton and "
+        "--lookup 0)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--seed", type=int, default=None)
 
@@ -90,6 +97,11 @@ def load_engine(args: argparse.Namespace):
         raise CLIError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
     if args.lookup < 0:
         raise CLIError(f"--lookup must be >= 0, got {args.lookup}")
+    if args.static_step and (args.lookup or args.attention == "hf" or args.temperature > 0):
+        raise CLIError(
+            "--static-step needs greedy decoding (--temperature 0), --lookup 0 and one of our "
+            "attention backends (--attention sdpa, flex, triton or reference)"
+        )
     sampling = SamplingConfig(temperature=args.temperature, seed=args.seed)
     source = resolve_model(args.model)
     heads_dir: Path | None
@@ -106,7 +118,9 @@ def load_engine(args: argparse.Namespace):
     tree = "plain" if args.tree == "auto" else _tree_arg(args.tree)
     quiet_transformers()
     model = HFModel.load(source, dtype=args.dtype, device=args.device, attention=args.attention)
-    engine = MedusaGenerator(model, heads, tree, sampling, lookup=args.lookup)
+    engine = MedusaGenerator(
+        model, heads, tree, sampling, lookup=args.lookup, static=args.static_step
+    )
     if args.tree == "auto" and heads is not None:
         from medusa_engine.tune import auto_tree
 

@@ -32,6 +32,7 @@ from medusa_engine.drafters import Drafter, LookupDrafter, make_drafter, with_lo
 from medusa_engine.heads import AnyHeads, MedusaHeads
 from medusa_engine.hf_adapter import HFModel, KVSession
 from medusa_engine.recurrent_heads import RecurrentHeads
+from medusa_engine.static_step import StaticStep
 from medusa_engine.tree import TreeBuffers, build_tree, tree_from_name
 from medusa_engine.trees import DEFAULT_TREE
 
@@ -75,8 +76,18 @@ class MedusaGenerator:
         tree: TreeBuffers | str | Sequence[Sequence[int]] = DEFAULT_TREE,
         sampling: SamplingConfig | None = None,
         lookup: int = 0,
+        static: bool = False,
     ) -> None:
         self.model = model
+        self.sampling = sampling or SamplingConfig()
+        if static and (lookup or model.attention == "hf" or not self.sampling.greedy):
+            raise ValueError(
+                "static (CUDA-graph) steps need greedy decoding, no lookup branch and one of our "
+                "attention backends (sdpa, flex, triton, reference)"
+            )
+        # static: each verification step is a `StaticStep` (a CUDA graph on a GPU).
+        self.static = static
+        self._static_step: StaticStep | None = None
         self.drafter: Drafter | None = (
             make_drafter(heads, model)
             if isinstance(heads, (MedusaHeads, RecurrentHeads))
@@ -89,7 +100,6 @@ class MedusaGenerator:
         )
         self.set_tree(tree)
         self.plain_tree = build_tree([], 0).to(model.device)
-        self.sampling = sampling or SamplingConfig()
         self.generator = torch.Generator(device=model.device)
         if self.sampling.seed is not None:
             self.generator.manual_seed(self.sampling.seed)
@@ -218,6 +228,11 @@ class MedusaGenerator:
         past = len(session)
         if past + tree.max_depth + 1 > self.model.max_context:
             tree = self.plain_tree  # near the end of the context, finish one token at a time
+        if self.static and tree is self.tree:
+            step = self._static_for(session)
+            chunk = step.run(hidden_E, root, past)
+            session.token_ids.extend([root, *chunk[:-1]])
+            return step.hidden_E, chunk[-1], chunk
         root_t = torch.tensor(root, device=self.model.device)
         if tree.num_nodes > 1 and self._draft is not None:
             tree_tokens_N = self._draft.draft(hidden_E, root_t, tree, session.token_ids)
@@ -233,14 +248,30 @@ class MedusaGenerator:
         logits_NV = self.model.logits(hidden_NE)
         decision = accept(logits_NV, candidates_PL, tree.paths_PL, self.sampling, self.generator)
         # The best path's nodes and tokens travel with the decision: the step's one host sync.
-        best = decision[0]
-        row = torch.cat([decision[1:], tree.paths_PL[best], candidates_PL[best]]).tolist()
+        best_1 = decision[0:1]  # a 0-d index would be read on the host: a second sync
+        row = torch.cat(
+            [decision[1:], tree.paths_PL.index_select(0, best_1)[0], candidates_PL[best_1][0]]
+        ).tolist()
         accepted, next_token, width = row[0], row[1], tree.paths_PL.shape[1]
         path = row[2 : 3 + accepted]
         kept = row[2 + width : 3 + width + accepted]
         self.model.keep(session, past, path, past + accepted + 1)
         session.token_ids.extend(kept)
         return hidden_NE[path[-1]], next_token, kept[1:] + [next_token]
+
+    def _static_for(self, session: KVSession) -> StaticStep:
+        """The static step of this session's cache and the current tree (rebuilt on change)."""
+        step = self._static_step
+        cache = session.cache.static
+        if (
+            step is None
+            or step.session is not session
+            or step.cache is not cache
+            or step.cache.keys_LBGSD.data_ptr() != step._buffer_id
+            or step.source_tree is not self.tree
+        ):
+            step = self._static_step = StaticStep(self.model, self._draft, self.tree, session)
+        return step
 
 
 def _truncate(

@@ -15,7 +15,14 @@ copied or patched. Two attention paths, chosen per model (`attention=`):
   `Cache` backed by `attention.kv_cache.StaticKVCache` (preallocated per request, compaction by
   one gather over all layers). The tree travels as a keyword argument that transformers forwards
   to the attention function; no mask tensor is built (transformers skips mask creation for an
-  attention implementation without a registered mask function).
+  attention implementation without a registered mask function). `flex` and `triton` verify a
+  tree over the whole preallocated buffer with the valid length as a device tensor
+  (`attention.api.prepare_static`), so their shapes stay fixed as the cache grows (flex compiles
+  once per tree); a forward without a tree (prefill, plain decoding) runs `flex` requests on SDPA,
+  as every prompt length would otherwise be a compilation.
+* `forward_static`: the same forward with no host-side bookkeeping at all (cache slots and mask
+  prepared on the device by the caller), for a step captured in a CUDA graph
+  (`medusa_engine/static_step.py`).
 
 Version differences live here: the cache keyword is `cache` from transformers 5.24
 (`past_key_values` is deprecated there) and `past_key_values` before; we read the decoder's
@@ -34,7 +41,7 @@ from typing import Any
 import torch
 from transformers import AttentionInterface, Cache, DynamicCache
 
-from attention.api import BACKENDS, attention
+from attention.api import BACKENDS, StaticMask, attention, attention_static, prepare_static
 from attention.kv_cache import StaticKVCache
 from attention.masks import additive_mask
 from medusa_engine.models import ModelSource, resolve_model
@@ -71,14 +78,19 @@ def engine_attention(
     window = kwargs.get("sliding_window")
     if window is not None and key_BGKD.shape[2] > window:
         raise NotImplementedError("sliding-window layers need attention='hf'")
+    static: StaticMask | None = kwargs.get("medusa_static")
+    if static is not None:  # whole buffers, valid length on the device
+        out_BHTD = attention_static(query_BHTD, key_BGKD, value_BGKD, static, scaling)
+        return out_BHTD.transpose(1, 2), None
     t = query_BHTD.shape[2]
     block = kwargs.get("medusa_block_TT")
-    out_BHTD = attention(
-        query_BHTD, key_BGKD, value_BGKD, backend=kwargs.get("medusa_backend", "sdpa"),
+    backend = kwargs.get("medusa_backend", "sdpa")
+    out = attention(
+        query_BHTD, key_BGKD, value_BGKD, backend="sdpa" if backend == "flex" else backend,
         causal=block is None and t > 1, tree_mask_QQ=block, scale=scaling,
     )  # fmt: skip
-    assert isinstance(out_BHTD, torch.Tensor)
-    return out_BHTD.transpose(1, 2), None
+    assert isinstance(out, torch.Tensor)
+    return out.transpose(1, 2), None
 
 
 class EngineCache(Cache):
@@ -87,11 +99,18 @@ class EngineCache(Cache):
     def __init__(self, static: StaticKVCache) -> None:
         super().__init__(layers=[])
         self.static = static
+        # Set for one forward by HFModel: return every slot (attention masks by a device length),
+        # and, for `forward_static`, write at these device slots without touching host lengths.
+        self.whole_buffers = False
+        self.write_slots: torch.Tensor | None = None
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.static.append(layer_idx, key_states, value_states)
+        if self.write_slots is not None:
+            return self.static.write(layer_idx, self.write_slots, key_states, value_states)
+        valid = self.static.append(layer_idx, key_states, value_states)
+        return self.static.buffers(layer_idx) if self.whole_buffers else valid
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.static.layer_length(layer_idx)
@@ -219,6 +238,18 @@ class HFModel:
         """
         t = input_ids_T.shape[0]
         kwargs: dict[str, Any] = {self._cache_kw: session.cache}
+        if self.attention in ("flex", "triton") and block_mask_TT is not None and t > 1:
+            self.reserve(session, len(session) + t)
+            cache = session.cache
+            kv_len_B = torch.full((1,), len(session) + t, dtype=torch.int32, device=self.device)
+            mask = prepare_static(
+                self.attention, t, cache.static.max_length, kv_len_B, tree_mask_QQ=block_mask_TT
+            )
+            cache.whole_buffers = True
+            try:
+                return self._decode(input_ids_T, position_ids_T, kwargs | {"medusa_static": mask})
+            finally:
+                cache.whole_buffers = False
         if self.attention != "hf":
             self.reserve(session, len(session) + t)
             kwargs |= {"medusa_backend": self.attention, "medusa_block_TT": block_mask_TT}
@@ -227,10 +258,40 @@ class HFModel:
             full_TK = torch.ones(t, past + t, dtype=torch.bool, device=input_ids_T.device)
             full_TK[:, past:] = block_mask_TT
             kwargs["attention_mask"] = additive_mask(full_TK, self.dtype)[None, None]
+        return self._decode(input_ids_T, position_ids_T, kwargs)
+
+    def _decode(
+        self, input_ids_T: torch.Tensor, position_ids_T: torch.Tensor, kwargs: dict[str, Any]
+    ) -> torch.Tensor:
         out = self.decoder(
             input_ids=input_ids_T[None], position_ids=position_ids_T[None], use_cache=True, **kwargs
         )
         return out.last_hidden_state[0]
+
+    @torch.inference_mode()
+    def forward_static(
+        self,
+        input_ids_T: torch.Tensor,
+        position_ids_T: torch.Tensor,
+        session: KVSession,
+        slots_T: torch.Tensor,
+        mask: StaticMask,
+    ) -> torch.Tensor:
+        """`forward` with device-side bookkeeping only: nothing read on or written to the host.
+
+        The T new keys/values go to cache slots `slots_T` (int64, device); attention masks the
+        whole buffer with `mask` (`attention.api.prepare_static`, its kv_len on the device). The
+        session's host lengths and token ids are not touched. Needs one of our backends.
+        """
+        cache = session.cache
+        if not isinstance(cache, EngineCache):
+            raise ValueError("forward_static needs attention='sdpa'/'flex'/'triton'/'reference'")
+        cache.write_slots = slots_T
+        try:
+            kwargs = {self._cache_kw: cache, "medusa_static": mask}
+            return self._decode(input_ids_T, position_ids_T, kwargs)
+        finally:
+            cache.write_slots = None
 
     @torch.inference_mode()
     def logits(self, hidden_TE: torch.Tensor) -> torch.Tensor:

@@ -61,6 +61,7 @@ def write_tree(tmp_path, content: str):
         (["--model", "stories260k", "--tree", "/nonexistent/tree.json"], "tree file not found"),
         (["--model", "stories260k", "--max-new-tokens", "0"], "must be positive"),
         (["--model", "stories260k", "--temperature", "-1"], "temperature must be >= 0"),
+        (["--model", "stories260k", "--static-step"], "--static-step needs greedy decoding"),
         (
             ["--model", "stories260k", "--prompt", "word " * 600],
             "do not fit the model's context of 512",
@@ -115,3 +116,15 @@ def test_default_tree_is_the_heads_own_tree(tmp_path):
     assert engine.tree.num_nodes == 4 and engine.tree.max_depth == 2
     engine = load_engine(parser.parse_args([*base, "--tree", "chain_2"]))
     assert engine.tree.num_nodes == 3
+
+
+def test_static_step_flag_gives_the_greedy_tokens(capsys, stories260k):
+    common = ["generate", "--model", "stories260k", "--prompt", "Tom had a red ball",
+              "--max-new-tokens", "40", "--json", "--dtype", "fp32"]  # fmt: skip
+    code, out, _ = run(capsys, *common, "--heads", "none")
+    plain = json.loads(out)["token_ids"]
+    code, out, _ = run(capsys, *common, "--attention", "sdpa", "--lookup", "0", "--static-step")
+    assert code == 0
+    record = json.loads(out)
+    assert record["token_ids"] == plain
+    assert record["mean_accepted"] > 1.3

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The GPU session's one prepared script: `gpu`-marked tests, then the benchmarks, each with its
+# own time limit, every log under $OUT (default ./runs/gpu). Usage: scripts/gpu_checks.sh [PARTS]
+# where PARTS is a comma list of: env, tests, attention, step, dit (default: all).
+set -u
+OUT=${OUT:-runs/gpu}
+mkdir -p "$OUT"
+PARTS=${1:-env,tests,attention,step,dit}
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+PY=${PY:-python3}
+
+part() { [[ ",$PARTS," == *",$1,"* ]]; }
+run() {  # run NAME LIMIT_S CMD...: log to $OUT/NAME.log, print its tail
+  local name=$1 limit=$2
+  shift 2
+  echo "=== $name (limit ${limit}s): $*"
+  local t0=$SECONDS
+  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+  echo "=== $name rc=$? in $((SECONDS - t0))s"
+  tail -n 25 "$OUT/$name.log"
+}
+
+if part env; then
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  $PY -c "import torch, transformers, triton; print(torch.__version__, transformers.__version__, triton.__version__)"
+fi
+part tests && run tests 80 $PY -m pytest -m gpu -q -p no:cacheprovider \
+  tests/test_attention_gpu.py tests/test_diffusion_dit.py tests/test_static_step.py
+part attention && run attention 50 $PY -m eval.bench_attention --sweep
+# Two processes: a failed CUDA-graph capture poisons the context for whatever runs after it.
+part step && run step 90 $PY -m eval.bench_step --preset 7b --sizes 1,16,32,64 --repeats 10 \
+  --methods hf-eager,engine-triton,engine-graph-triton,engine-graph-sdpa
+part step && run step_hf_static 90 $PY -m eval.bench_step --preset 7b --sizes 1,16,32,64 \
+  --repeats 10 --methods hf-static-compiled
+part dit && run dit 60 $PY -m diffusion_ext.bench --iters 10
+exit 0
