@@ -63,11 +63,11 @@ def accept_typical(
     accepted_P = kept_PL1.sum(dim=1)
     loglik_P = (logp_child_PL1 * kept_PL1).sum(dim=1)
     score_P = torch.where(accepted_P == accepted_P.max(), loglik_P, float("-inf"))
-    best = score_P.argmax()
-    accepted = accepted_P[best]
-    last = paths_PL[best, accepted]
-    next_token = torch.multinomial(logp_NV[last].exp(), 1, generator=generator)[0]
-    return torch.stack([best, accepted, next_token])
+    best_1 = score_P.argmax(dim=0, keepdim=True)  # 1-element indices: no host sync (see greedy)
+    accepted_1 = accepted_P.gather(0, best_1)
+    last_1 = paths_PL.index_select(0, best_1)[0].gather(0, accepted_1)
+    next_1 = torch.multinomial(logp_NV.index_select(0, last_1)[0].exp(), 1, generator=generator)
+    return torch.cat([best_1, accepted_1, next_1])
 
 
 def accept(
