@@ -101,7 +101,6 @@ def bench_engine_graph(model_hf, attention: str, sizes: Sequence[int], prefix: i
                        repeats: int, out: dict) -> None:  # fmt: skip
     """Time a CUDA-graph-captured `StaticStep` (drafting to compaction) for each tree size."""
     from medusa_engine.config import HeadsConfig
-    from medusa_engine.drafters import make_drafter
     from medusa_engine.generate import MedusaGenerator
     from medusa_engine.heads import MedusaHeads
     from medusa_engine.hf_adapter import HFModel
@@ -110,7 +109,6 @@ def bench_engine_graph(model_hf, attention: str, sizes: Sequence[int], prefix: i
 
     model = HFModel(model_hf, name="random", attention=attention)
     heads = MedusaHeads(HeadsConfig(4, 1, model.hidden_size, model.vocab_size))
-    drafter = make_drafter(heads, model)
     engine = MedusaGenerator(model, heads, "plain")
     ids = torch.randint(3, model.vocab_size, (prefix,), generator=torch.Generator().manual_seed(0))
     session = model.new_session(capacity=prefix + max(sizes) + 8)
@@ -118,7 +116,7 @@ def bench_engine_graph(model_hf, attention: str, sizes: Sequence[int], prefix: i
     hidden_E = hidden_E.clone()
     for size in sizes:
         tree = synthetic_tree(size, 4)
-        step = StaticStep(model, drafter if size > 1 else None, tree, session)
+        step = StaticStep(model, engine.drafter if size > 1 else None, tree, session)
         out[size] = _timed(partial(step.run, hidden_E, root, prefix), model.device, repeats)
     model_hf.get_decoder().set_attn_implementation("sdpa")  # give the model back as it came
 

@@ -250,7 +250,11 @@ class MedusaGenerator:
         # The best path's nodes and tokens travel with the decision: the step's one host sync.
         best_1 = decision[0:1]  # a 0-d index would be read on the host: a second sync
         row = torch.cat(
-            [decision[1:], tree.paths_PL.index_select(0, best_1)[0], candidates_PL[best_1][0]]
+            [
+                decision[1:],
+                tree.paths_PL.index_select(0, best_1)[0],
+                candidates_PL.index_select(0, best_1)[0],
+            ]
         ).tolist()
         accepted, next_token, width = row[0], row[1], tree.paths_PL.shape[1]
         path = row[2 : 3 + accepted]
@@ -262,12 +266,10 @@ class MedusaGenerator:
     def _static_for(self, session: KVSession) -> StaticStep:
         """The static step of this session's cache and the current tree (rebuilt on change)."""
         step = self._static_step
-        cache = session.cache.static
         if (
             step is None
             or step.session is not session
-            or step.cache is not cache
-            or step.cache.keys_LBGSD.data_ptr() != step._buffer_id
+            or step.cache is not session.cache.static  # reallocated to grow
             or step.source_tree is not self.tree
         ):
             step = self._static_step = StaticStep(self.model, self._draft, self.tree, session)

@@ -74,11 +74,6 @@ class StaticStep:
         )
         self.use_graph = device.type == "cuda" if graph is None else graph
         self._graph: torch.cuda.CUDAGraph | None = None
-        self._buffer_id = self.cache.keys_LBGSD.data_ptr()
-
-    @property
-    def num_nodes(self) -> int:
-        return self.tree.num_nodes
 
     @torch.inference_mode()
     def compute(self) -> None:
@@ -149,7 +144,7 @@ class StaticStep:
                 f"the cache has {self.cache.max_length} slots; a {self.tree.num_nodes}-node step "
                 f"at length {length} needs more (allocate prompt + new tokens + tree)"
             )
-        if self.cache.keys_LBGSD.data_ptr() != self._buffer_id:
+        if self.session.cache.static is not self.cache:
             raise ValueError("the session's cache was reallocated: build a new StaticStep")
         if self.use_graph and self._graph is None:
             self._capture(hidden_E, root, length)

@@ -83,6 +83,9 @@ def test_static_mode_rejects_what_it_cannot_capture(stories260k, model_sdpa):
     step = StaticStep(model_sdpa, None, tree_from_name("plain", 0), session)
     with pytest.raises(ValueError, match="slots"):
         step.run(torch.zeros(model_sdpa.hidden_size), 1, session.cache.static.max_length)
+    model_sdpa.reserve(session, 4 * session.cache.static.max_length)  # the cache grows
+    with pytest.raises(ValueError, match="reallocated"):
+        step.run(torch.zeros(model_sdpa.hidden_size), 1, 0)
 
 
 def test_cache_write_and_move_equal_append_and_compact():
