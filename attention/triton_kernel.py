@@ -7,8 +7,9 @@ M = R * Q query rows of one kv head (the R heads that share a kv head are packed
 each K/V tile is loaded once for all of them).
 
 Layout: `_split_kv_kernel` (one program per (query-row block, kv split, batch * kv head)) runs the
-online softmax of FlashAttention over its chunk of the cache and writes a partial (out, lse) in
-float32; `_combine_kernel` merges the P partials of each query row by log-sum-exp, as in
+online softmax of FlashAttention over its chunk of the cache (`_attend`: first the key blocks every
+row of the program sees in full, without masks, then the blocks that need masking) and writes a
+partial (out, lse) in float32; `_combine_kernel` merges the P partials of each query row by log-sum-exp, as in
 flash-decoding (Dao et al., 2023). `_launch` holds the asserts; `attention_triton` is the public
 function. The specification is `attention.reference`; tests compare against it.
 
@@ -30,12 +31,83 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
 MASK_NONE, MASK_CAUSAL, MASK_TREE = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """Launch parameters of the split-KV kernel; None = the measured default."""
+
+    num_splits: int | None = None  # kv splits per (query block, batch, kv head)
+    block_m: int | None = None  # query rows per program
+    block_n: int = 64  # keys per loop iteration
+    num_warps: int | None = None
+    num_stages: int | None = None  # software-pipelining depth of the kv loop
+
+
+@triton.jit
+def _attend(
+    q_MD, k_base, v_base, bits_ptr, m_M, l_M, acc_MD, blk_lo, blk_hi, scale_log2,
+    stride_ks, stride_vs, stride_bits_q, kv_len, tree_start, qi_M, row_ok_M, offs_D, d_ok_D,
+    MASK_MODE: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    KV_DTYPE: tl.constexpr,
+):  # fmt: skip
+    """Online softmax over key blocks [blk_lo, blk_hi); returns the updated (m, l, acc).
+    MASKED=False: every key of these blocks is valid and visible to every row (no masks)."""
+    for blk in range(blk_lo, blk_hi):
+        offs_N = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+        k_ptrs = k_base + offs_N[:, None] * stride_ks + offs_D[None, :]
+        v_ptrs = v_base + offs_N[:, None] * stride_vs + offs_D[None, :]
+        if MASKED:
+            n_ok_N = offs_N < kv_len
+            kv_mask = n_ok_N[:, None] & d_ok_D[None, :]
+            k_ND = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+        elif EVEN_D:
+            k_ND = tl.load(k_ptrs)
+        else:
+            k_ND = tl.load(k_ptrs, mask=d_ok_D[None, :], other=0.0)
+        if UPCAST_DOT:
+            k_ND = k_ND.to(tl.float32)
+        s_MN = tl.dot(q_MD, tl.trans(k_ND), input_precision=DOT_PRECISION) * scale_log2
+        if MASKED:
+            visible_MN = row_ok_M[:, None] & n_ok_N[None, :]
+            if MASK_MODE == 1:
+                visible_MN = visible_MN & (offs_N[None, :] <= (tree_start + qi_M)[:, None])
+            if MASK_MODE == 2:  # noqa: SIM102 (constexpr branch first, runtime test inside)
+                if blk * BLOCK_N + BLOCK_N > tree_start:
+                    rel_MN = offs_N[None, :] - tree_start + tl.zeros_like(qi_M)[:, None]
+                    in_tree_MN = rel_MN >= 0
+                    word_ptrs = bits_ptr + qi_M[:, None] * stride_bits_q + (rel_MN >> 6)
+                    words_MN = tl.load(word_ptrs, mask=in_tree_MN & visible_MN, other=0)
+                    bit_MN = ((words_MN >> (rel_MN & 63).to(tl.int64)) & 1) != 0
+                    visible_MN = visible_MN & (~in_tree_MN | bit_MN)
+            s_MN = tl.where(visible_MN, s_MN, float("-inf"))
+        m_new_M = tl.maximum(m_M, tl.max(s_MN, axis=1))
+        # A row that has seen no visible key yet keeps m = -inf; shift by 0 to avoid inf - inf.
+        m_safe_M = tl.where(m_new_M == float("-inf"), 0.0, m_new_M)
+        alpha_M = tl.exp2(m_M - m_safe_M)
+        p_MN = tl.exp2(s_MN - m_safe_M[:, None])
+        l_M = l_M * alpha_M + tl.sum(p_MN, axis=1)
+        if MASKED:
+            v_ND = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+        elif EVEN_D:
+            v_ND = tl.load(v_ptrs)
+        else:
+            v_ND = tl.load(v_ptrs, mask=d_ok_D[None, :], other=0.0)
+        p_lo_MN = p_MN.to(KV_DTYPE)  # rounded like the MMA operand on a GPU
+        if UPCAST_DOT:
+            v_ND = v_ND.to(tl.float32)
+            p_lo_MN = p_lo_MN.to(tl.float32)
+        acc_MD = acc_MD * alpha_M[:, None] + tl.dot(p_lo_MN, v_ND, input_precision=DOT_PRECISION)
+        m_M = m_new_M
+    return m_M, l_M, acc_MD
 
 
 @triton.jit
@@ -47,7 +119,8 @@ def _split_kv_kernel(
     stride_bits_q,
     n_kv_heads, heads_per_group, q_len, head_dim, num_splits, scale_log2,
     MASK_MODE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_p = tl.program_id(1)
@@ -83,43 +156,24 @@ def _split_kv_kernel(
     acc_MD = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     k_base = k_ptr + b * stride_kb + g * stride_kg
     v_base = v_ptr + b * stride_vb + g * stride_vg
-    for blk in range(blk_lo, blk_hi):
-        offs_N = blk * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok_N = offs_N < kv_len
-        kv_mask = n_ok_N[:, None] & d_ok_D[None, :]
-        k_ND = tl.load(
-            k_base + offs_N[:, None] * stride_ks + offs_D[None, :], mask=kv_mask, other=0.0
-        )
-        if UPCAST_DOT:
-            k_ND = k_ND.to(tl.float32)
-        s_MN = tl.dot(q_MD, tl.trans(k_ND), input_precision=DOT_PRECISION) * scale_log2
-        visible_MN = row_ok_M[:, None] & n_ok_N[None, :]
-        if MASK_MODE == 1:
-            visible_MN = visible_MN & (offs_N[None, :] <= (tree_start + qi_M)[:, None])
-        if MASK_MODE == 2:  # noqa: SIM102 (constexpr branch first, runtime test inside)
-            if blk * BLOCK_N + BLOCK_N > tree_start:
-                rel_MN = offs_N[None, :] - tree_start + tl.zeros([BLOCK_M, 1], tl.int32)
-                in_tree_MN = rel_MN >= 0
-                word_ptrs = bits_ptr + qi_M[:, None] * stride_bits_q + (rel_MN >> 6)
-                words_MN = tl.load(word_ptrs, mask=in_tree_MN & visible_MN, other=0)
-                bit_MN = ((words_MN >> (rel_MN & 63).to(tl.int64)) & 1) != 0
-                visible_MN = visible_MN & (~in_tree_MN | bit_MN)
-        s_MN = tl.where(visible_MN, s_MN, float("-inf"))
-        m_new_M = tl.maximum(m_M, tl.max(s_MN, axis=1))
-        # A row that has seen no visible key yet keeps m = -inf; shift by 0 to avoid inf - inf.
-        m_safe_M = tl.where(m_new_M == float("-inf"), 0.0, m_new_M)
-        alpha_M = tl.exp2(m_M - m_safe_M)
-        p_MN = tl.exp2(s_MN - m_safe_M[:, None])
-        l_M = l_M * alpha_M + tl.sum(p_MN, axis=1)
-        v_ND = tl.load(
-            v_base + offs_N[:, None] * stride_vs + offs_D[None, :], mask=kv_mask, other=0.0
-        )
-        p_lo_MN = p_MN.to(v_ptr.dtype.element_ty)  # rounded like the MMA operand on a GPU
-        if UPCAST_DOT:
-            v_ND = v_ND.to(tl.float32)
-            p_lo_MN = p_lo_MN.to(tl.float32)
-        acc_MD = acc_MD * alpha_M[:, None] + tl.dot(p_lo_MN, v_ND, input_precision=DOT_PRECISION)
-        m_M = m_new_M
+    # Blocks wholly before the tree / causal block hold valid keys that every row sees: they run
+    # without masks (plain loads the compiler can pipeline); only the rest pay for masking.
+    n_open = kv_len // BLOCK_N
+    if MASK_MODE == 1:  # key j is visible to every row of the block iff j <= tree_start + min qi
+        n_open = (tree_start + tl.min(tl.where(row_ok_M, qi_M, q_len), axis=0) + 1) // BLOCK_N
+    if MASK_MODE == 2:
+        n_open = tree_start // BLOCK_N
+    open_hi = tl.minimum(blk_hi, n_open)
+    m_M, l_M, acc_MD = _attend(
+        q_MD, k_base, v_base, bits_ptr, m_M, l_M, acc_MD, blk_lo, open_hi, scale_log2,
+        stride_ks, stride_vs, stride_bits_q, kv_len, tree_start, qi_M, row_ok_M, offs_D, d_ok_D,
+        MASK_MODE, False, DOT_PRECISION, UPCAST_DOT, EVEN_D, BLOCK_N, v_ptr.dtype.element_ty,
+    )  # fmt: skip
+    m_M, l_M, acc_MD = _attend(
+        q_MD, k_base, v_base, bits_ptr, m_M, l_M, acc_MD, tl.maximum(blk_lo, open_hi), blk_hi,
+        scale_log2, stride_ks, stride_vs, stride_bits_q, kv_len, tree_start, qi_M, row_ok_M, offs_D, d_ok_D,
+        MASK_MODE, True, DOT_PRECISION, UPCAST_DOT, EVEN_D, BLOCK_N, v_ptr.dtype.element_ty,
+    )  # fmt: skip
 
     seen_M = l_M > 0.0
     out_MD = acc_MD / tl.where(seen_M, l_M, 1.0)[:, None]
@@ -163,8 +217,11 @@ def default_num_splits(n_programs: int, n_kv_blocks: int, device: torch.device) 
     """As many kv splits as fill the GPU's multiprocessors once (one wave); 1 for a busy grid.
 
     Measured on an H100 (132 SMs; 64 tree queries, 32 kv heads x 128, bf16, graph replays):
-    4 splits read a 4k / 16k cache at 1.43 / 2.38 TB/s, 9 splits (two waves) at 1.27 / 1.92,
-    18 at 1.11 / 1.95 (`python -m eval.bench_attention --sweep`).
+    4 splits read a 4k / 16k cache at 1.42 / 2.39 TB/s, 8 splits (two waves) at 1.31 / 2.25
+    (`python -m eval.bench_attention --sweep`; eval/results/h100-2026-11-26-s4/). Neither
+    32-key blocks, 4 pipeline stages nor 8 warps beat the defaults there, nor did merging the
+    splits in the last program instead of `_combine_kernel` (tried: 1.47 TB/s at 4k in one call,
+    but 20 % slower inside the 7B step, whose caches are short).
     """
     n_sm = (
         torch.cuda.get_device_properties(device).multi_processor_count
@@ -182,9 +239,7 @@ def _launch(
     bits_QW: torch.Tensor | None,
     mask_mode: int,
     scale: float,
-    num_splits: int | None,
-    block_m: int | None,
-    block_n: int,
+    tiles: Tiles,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     b, h, q_len, d = q_BHQD.shape
     _, g, s_max, _ = k_BGSD.shape
@@ -210,17 +265,27 @@ def _launch(
         )
     bits = bits_QW if bits_QW is not None else kv_len_B  # any pointer; never read without a tree
     rows = (h // g) * q_len
-    block_m = block_m or max(16, min(128 if rows >= 1024 else 64, triton.next_power_of_2(rows)))
+    block_m = tiles.block_m or max(
+        16, min(128 if rows >= 1024 else 64, triton.next_power_of_2(rows))
+    )
+    block_n = tiles.block_n
     block_d = max(16, triton.next_power_of_2(d))
     n_m = triton.cdiv(rows, block_m)
-    if num_splits is None:
-        num_splits = default_num_splits(n_m * b * g, triton.cdiv(s_max, block_n), q_BHQD.device)
-    out_p = torch.empty(b, h, q_len, num_splits, d, device=q_BHQD.device, dtype=torch.float32)
-    lse_p = torch.empty(b, h, q_len, num_splits, device=q_BHQD.device, dtype=torch.float32)
+    num_splits = tiles.num_splits or default_num_splits(
+        n_m * b * g, triton.cdiv(s_max, block_n), q_BHQD.device
+    )
+    dev = q_BHQD.device
+    out_p = torch.empty(b, h, q_len, num_splits, d, device=dev, dtype=torch.float32)
+    lse_p = torch.empty(b, h, q_len, num_splits, device=dev, dtype=torch.float32)
+    out_BHQD = torch.empty(b, h, q_len, d, device=dev, dtype=q_BHQD.dtype)
+    lse_BHQ = torch.empty(b, h, q_len, device=dev, dtype=torch.float32)
     # The interpreter multiplies the raw bits of bfloat16 dot operands (triton-lang/triton#11584,
     # "not supported yet"), so under it bf16 tiles are widened to float32 after loading.
     upcast = os.environ.get("TRITON_INTERPRET") == "1" and q_BHQD.dtype == torch.bfloat16
     precision = "ieee" if q_BHQD.dtype == torch.float32 or upcast else "tf32"
+    launch_opts = {"num_warps": tiles.num_warps or (8 if block_m >= 128 else 4)}
+    if tiles.num_stages:
+        launch_opts["num_stages"] = tiles.num_stages
     _split_kv_kernel[(n_m, num_splits, b * g)](
         q_BHQD, k_BGSD, v_BGSD, kv_len_B, bits, out_p, lse_p,
         q_BHQD.stride(0), q_BHQD.stride(1), q_BHQD.stride(2),
@@ -229,11 +294,8 @@ def _launch(
         bits.stride(0),
         g, h // g, q_len, d, num_splits, scale * math.log2(math.e),
         MASK_MODE=mask_mode, DOT_PRECISION=precision, UPCAST_DOT=upcast,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        num_warps=8 if block_m >= 128 else 4,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, EVEN_D=block_d == d, **launch_opts,
     )  # fmt: skip
-    out_BHQD = torch.empty(b, h, q_len, d, device=q_BHQD.device, dtype=q_BHQD.dtype)
-    lse_BHQ = torch.empty(b, h, q_len, device=q_BHQD.device, dtype=torch.float32)
     _combine_kernel[(b * h * q_len,)](
         out_p, lse_p, out_BHQD, lse_BHQ, num_splits, d,
         BLOCK_P=max(2, triton.next_power_of_2(num_splits)), BLOCK_D=block_d,
@@ -250,9 +312,7 @@ def attention_triton(
     kv_len_B: torch.Tensor | None = None,
     causal: bool = False,
     tree_bits_QW: torch.Tensor | None = None,
-    num_splits: int | None = None,
-    block_m: int | None = None,
-    block_n: int = 64,
+    tiles: Tiles = Tiles(),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Split-KV attention of Q new tokens over a key buffer; returns (out_BHQD, lse_BHQ float32).
 
@@ -260,7 +320,8 @@ def attention_triton(
     (int32 [B], on q's device; default S for every row), of which the last Q are the new tokens.
     `tree_bits_QW` (from `masks.tree_bitmask_QW`) masks the last Q x Q block; `causal=True` is the
     lower-triangular block; neither means every query sees every valid key. Nothing is mutated.
-    `num_splits` defaults to enough kv splits to fill the GPU (`default_num_splits`).
+    `tiles` sets the launch parameters (kv splits default to one wave of the GPU,
+    `default_num_splits`); every choice computes the same result up to float rounding.
     """
     if causal and tree_bits_QW is not None:
         raise ValueError("give either causal=True or tree bits, not both")
@@ -270,6 +331,5 @@ def attention_triton(
         )
     mode = MASK_TREE if tree_bits_QW is not None else MASK_CAUSAL if causal else MASK_NONE
     return _launch(
-        q_BHQD, k_BGSD, v_BGSD, kv_len_B.to(torch.int32), tree_bits_QW, mode, scale,
-        num_splits, block_m, block_n,
+        q_BHQD, k_BGSD, v_BGSD, kv_len_B.to(torch.int32), tree_bits_QW, mode, scale, tiles
     )  # fmt: skip

@@ -31,7 +31,7 @@ import math
 import statistics
 import sys
 from collections.abc import Callable
-from functools import partial
+from typing import Any
 
 import torch
 
@@ -125,30 +125,41 @@ def backends_for(
     return {"sdpa-efficient": sdpa_efficient, "flex": flex, "triton": triton}
 
 
+# name -> Tiles fields, each timed beside the default `triton` (`--sweep`)
+SWEEP: dict[str, dict[str, Any]] = {
+    "n32": {"block_n": 32},
+    "n32-s4": {"block_n": 32, "num_stages": 4},
+    "s4": {"num_stages": 4},
+    "w8": {"num_warps": 8},
+    "2wave": {"splits_x": 2},
+}
+
+
 def triton_variants(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tree_QQ: torch.Tensor | None, causal: bool
 ) -> dict[str, Callable[[], torch.Tensor]]:
-    """The Triton kernel at other tile sizes / kv splits than its defaults (`--sweep`)."""
-    from attention.triton_kernel import attention_triton, default_num_splits
+    """The Triton kernel with other launch parameters than its defaults (`--sweep`, `SWEEP`)."""
+    from attention.triton_kernel import Tiles, attention_triton, default_num_splits
 
     kv_len_B = torch.full((q.shape[0],), k.shape[2], dtype=torch.int32, device=q.device)
     bits_QW = None if tree_QQ is None else tree_bitmask_QW(tree_QQ)
-    rows = q.shape[1] // k.shape[1] * q.shape[2]
-    n_m = max(1, math.ceil(rows / 64))
+    n_m = max(1, math.ceil(q.shape[1] // k.shape[1] * q.shape[2] / 64))
     variants: dict[str, Callable[[], torch.Tensor]] = {}
-    for block_n in (64, 128):
-        auto = default_num_splits(n_m * k.shape[1], math.ceil(k.shape[2] / block_n), q.device)
-        for splits in sorted({max(1, auto // 2), auto, 2 * auto}):
-            if (block_n, splits) == (64, auto):
-                continue  # the default, already timed as `triton`
+    for name, fields in SWEEP.items():
+        fields = dict(fields)
+        if "splits_x" in fields:
+            n_blocks = math.ceil(k.shape[2] / fields.get("block_n", 64))
+            one_wave = default_num_splits(n_m * k.shape[1], n_blocks, q.device)
+            fields["num_splits"] = one_wave * fields.pop("splits_x")
+        tiles = Tiles(**fields)
 
-            def fn(bn: int = block_n, p: int = splits) -> torch.Tensor:
-                return attention_triton(
-                    q, k, v, scale=q.shape[-1] ** -0.5, kv_len_B=kv_len_B, causal=causal,
-                    tree_bits_QW=bits_QW, num_splits=p, block_n=bn,
-                )[0]  # fmt: skip
+        def fn(tiles: Tiles = tiles) -> torch.Tensor:
+            return attention_triton(
+                q, k, v, scale=q.shape[-1] ** -0.5, kv_len_B=kv_len_B, causal=causal,
+                tree_bits_QW=bits_QW, tiles=tiles,
+            )[0]  # fmt: skip
 
-            variants[f"triton-n{block_n}-p{splits}"] = partial(fn, block_n, splits)
+        variants[f"triton-{name}"] = fn
     return variants
 
 
@@ -164,7 +175,7 @@ def run_case(
     causal = case == "prefill"
     tree_QQ = None if causal else random_tree(q_len, seed=kv_len).cuda()
     fns = backends_for(q, k, v, tree_QQ, causal)
-    if args.sweep:
+    if args.sweep and not causal:
         fns |= triton_variants(q, k, v, tree_QQ, causal)
     baseline_out = next(iter(fns.values()))()
     kv_bytes = 2 * k.numel() * k.element_size()

@@ -13,7 +13,10 @@ of `--prefix` tokens, with 1 new token (plain decoding) and with trees of 16/32/
 * `engine-graph-<backend>`: the same step as a `StaticStep` (static shapes, bookkeeping on the
   device) captured in one CUDA graph per tree size; timed per step with the state load, the
   replay and the host's read of the emitted tokens (what a streaming loop pays). Size 1 is plain
-  decoding through the same graph.
+  decoding through the same graph. On CUDA the engine runs RMSNorms as one kernel each
+  (`attention.rmsnorm`); `engine-graph-<backend>+eager-norms` keeps transformers' norms.
+
+`--profile <backend>` prints instead where the GPU time of an eager engine step goes, per kernel.
 
 Warm-up, device synchronisation, median of `--repeats`; prints a table, then one JSON line.
 
@@ -70,16 +73,24 @@ def _random_model(preset: str, dtype: torch.dtype, device: torch.device):
     return model.to(dtype).eval()
 
 
-def bench_engine(model_hf, attention: str, sizes: Sequence[int], prefix: int, repeats: int,
-                 out: dict) -> None:  # fmt: skip
-    """Time the engine's verification step (all of it) for each tree size."""
+def _engine_model(model_hf, attention: str):
+    """The engine's view of the model; `<backend>+eager-norms` keeps transformers' own norms
+    (to compare with the default one-kernel norms on CUDA in the same run)."""
+    from medusa_engine.hf_adapter import HFModel
+
+    backend, _, option = attention.partition("+")
+    fused = False if option == "eager-norms" else None
+    return HFModel(model_hf, name="random", attention=backend, fused_norms=fused)
+
+
+def _engine_steps(model_hf, attention: str, sizes: Sequence[int], prefix: int):
+    """(size, step) for the engine's eager verification step (all of it) at each tree size."""
     from medusa_engine.config import HeadsConfig
     from medusa_engine.generate import MedusaGenerator
     from medusa_engine.heads import MedusaHeads
-    from medusa_engine.hf_adapter import HFModel
     from medusa_engine.tune import synthetic_tree
 
-    model = HFModel(model_hf, name="random", attention=attention)
+    model = _engine_model(model_hf, attention)
     heads = MedusaHeads(HeadsConfig(4, 1, model.hidden_size, model.vocab_size))
     engine = MedusaGenerator(model, heads, "plain")
     ids = torch.randint(3, model.vocab_size, (prefix,), generator=torch.Generator().manual_seed(0))
@@ -93,8 +104,34 @@ def bench_engine(model_hf, attention: str, sizes: Sequence[int], prefix: int, re
             model.keep(session, 0, None, prefix)
             del session.token_ids[prefix:]
 
-        out[size] = _timed(step, model.device, repeats)
-    model_hf.get_decoder().set_attn_implementation("sdpa")  # give the model back as it came
+        yield size, step
+    model.restore()  # give the model back as it came
+
+
+def bench_engine(model_hf, attention: str, sizes: Sequence[int], prefix: int, repeats: int,
+                 out: dict) -> None:  # fmt: skip
+    """Time the engine's verification step (all of it) for each tree size."""
+    for size, step in _engine_steps(model_hf, attention, sizes, prefix):
+        out[size] = _timed(step, model_hf.device, repeats)
+
+
+def profile_engine(model_hf, attention: str, sizes: Sequence[int], prefix: int) -> None:
+    """Print where the GPU time of one eager engine step goes, per kernel, for each tree size
+    (the kernels are those the captured graph replays; eager launch gaps are not counted)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for size, step in _engine_steps(model_hf, attention, sizes, prefix):
+        step(), step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                step()
+            torch.cuda.synchronize()
+        kernels = [e for e in prof.key_averages() if e.device_time_total > 0]
+        total = sum(e.self_device_time_total for e in kernels) / 3
+        print(f"--- engine-{attention}, {size} nodes: {total / 1000:.2f} ms of kernels per step")
+        for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:14]:
+            print(f"{e.self_device_time_total / 3000:8.3f} ms {e.count // 3:5d}x  {e.key[:100]}")
 
 
 def bench_engine_graph(model_hf, attention: str, sizes: Sequence[int], prefix: int,
@@ -103,11 +140,10 @@ def bench_engine_graph(model_hf, attention: str, sizes: Sequence[int], prefix: i
     from medusa_engine.config import HeadsConfig
     from medusa_engine.generate import MedusaGenerator
     from medusa_engine.heads import MedusaHeads
-    from medusa_engine.hf_adapter import HFModel
     from medusa_engine.static_step import StaticStep
     from medusa_engine.tune import synthetic_tree
 
-    model = HFModel(model_hf, name="random", attention=attention)
+    model = _engine_model(model_hf, attention)
     heads = MedusaHeads(HeadsConfig(4, 1, model.hidden_size, model.vocab_size))
     engine = MedusaGenerator(model, heads, "plain")
     ids = torch.randint(3, model.vocab_size, (prefix,), generator=torch.Generator().manual_seed(0))
@@ -118,7 +154,7 @@ def bench_engine_graph(model_hf, attention: str, sizes: Sequence[int], prefix: i
         tree = synthetic_tree(size, 4)
         step = StaticStep(model, engine.drafter if size > 1 else None, tree, session)
         out[size] = _timed(partial(step.run, hidden_E, root, prefix), model.device, repeats)
-    model_hf.get_decoder().set_attn_implementation("sdpa")  # give the model back as it came
+    model.restore()  # give the model back as it came
 
 
 def bench_hf_static(model_hf, sizes: Sequence[int], prefix: int, repeats: int, out: dict) -> None:
@@ -165,6 +201,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         default="hf-eager,engine-triton,engine-graph-triton,engine-graph-sdpa,hf-static-compiled",
         help="hf-static-compiled last: a failure inside a CUDA graph can poison the context",
     )
+    p.add_argument(
+        "--profile",
+        metavar="BACKEND",
+        help="instead: per-kernel GPU time of the eager engine step on BACKEND",
+    )
     args = p.parse_args(argv)
     from transformers.utils import logging as hf_logging
 
@@ -172,6 +213,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = torch.device(args.device)
     sizes = [int(s) for s in args.sizes.split(",")]
     model_hf = _random_model(args.preset, DTYPES[args.dtype], device)
+    if args.profile:
+        profile_engine(model_hf, args.profile, sizes, args.prefix)
+        return 0
     results: dict[str, dict[Any, Any]] = {}
     for method in args.methods.split(","):
         row: dict[Any, Any] = {}
@@ -194,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{method} done: {row}", file=sys.stderr, flush=True)  # kept if a later one hangs
 
     last = sizes[-1]
-    print(f"{'method':<22}" + "".join(f"{f'{s} nodes':>12}" for s in sizes)
+    print(f"{'method':<32}" + "".join(f"{f'{s} nodes':>12}" for s in sizes)
           + f"{f'{last}/1':>8}   (ms per step)")  # fmt: skip
     for method, row in results.items():
         cells = [row.get(s) for s in sizes]
@@ -202,7 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         big, one = row.get(last), row.get(1)
         ratio = big / one if isinstance(big, float) and isinstance(one, float) else None
         text.append(f"{ratio:>8.2f}" if ratio is not None else f"{'-':>8}")
-        print(f"{method:<22}" + "".join(text) + (f"   {row['error']}" if "error" in row else ""))
+        print(f"{method:<32}" + "".join(text) + (f"   {row['error']}" if "error" in row else ""))
     summary = {
         "benchmark": "step_latency", "preset": args.preset, "dtype": args.dtype,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine(),

@@ -136,7 +136,17 @@ class KVSession:
 class HFModel:
     """A causal LM from transformers, seen as decoder + LM head over an explicit KV cache."""
 
-    def __init__(self, model: Any, tokenizer: Any = None, name: str = "", attention: str = "hf"):
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any = None,
+        name: str = "",
+        attention: str = "hf",
+        fused_norms: bool | None = None,
+    ):
+        """`attention`: "hf" (transformers' own) or one of our backends. `fused_norms`: run
+        Llama-style RMSNorms as one Triton kernel each (`attention.rmsnorm`); default on CUDA
+        with our backends. `restore()` gives the model back as it came."""
         if attention not in ATTENTION_CHOICES:
             raise ValueError(f"unknown attention {attention!r}; choose one of {ATTENTION_CHOICES}")
         self.model = model.eval()
@@ -157,9 +167,25 @@ class HFModel:
         self.softcap = getattr(text_config, "final_logit_softcapping", None)
         self.eos_token_ids = _eos_ids(model)
         self.attention = attention
+        self._attn_before = getattr(self.config, "_attn_implementation", None) or "sdpa"
         if attention != "hf":
             AttentionInterface.register(ATTN_NAME, engine_attention)
             self.decoder.set_attn_implementation(ATTN_NAME)
+        if fused_norms is None:
+            fused_norms = attention != "hf" and self.device.type == "cuda"
+        self._undo_norms = None
+        if fused_norms:
+            from attention.rmsnorm import fuse_rms_norms
+
+            self._undo_norms = fuse_rms_norms(model)
+
+    def restore(self) -> None:
+        """Undo what this wrapper changed in the HF model (attention implementation, norms)."""
+        if self.attention != "hf":
+            self.decoder.set_attn_implementation(self._attn_before)
+        if self._undo_norms is not None:
+            self._undo_norms()
+            self._undo_norms = None
 
     @property
     def device(self) -> torch.device:

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The GPU session's one prepared script: `gpu`-marked tests, then the benchmarks, each with its
 # own time limit, every log under $OUT (default ./runs/gpu). Usage: scripts/gpu_checks.sh [PARTS]
-# where PARTS is a comma list of: env, tests, attention, step, dit (default: all).
+# where PARTS is a comma list of: env, tests, triton, attention, gemm, profile, step, hfstatic, dit
+# (default: all).
 set -u
 OUT=${OUT:-runs/gpu}
 mkdir -p "$OUT"
-PARTS=${1:-env,tests,attention,step,dit}
+PARTS=${1:-env,tests,triton,attention,gemm,profile,step,hfstatic,dit}
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 PY=${PY:-python3}
 
@@ -26,11 +27,16 @@ if part env; then
 fi
 part tests && run tests 80 $PY -m pytest -m gpu -q -p no:cacheprovider \
   tests/test_attention_gpu.py tests/test_diffusion_dit.py tests/test_static_step.py
-part attention && run attention 50 $PY -m eval.bench_attention --sweep
+# The kernel tests (not marked gpu: they run on CUDA when it is there, else under the interpreter).
+part triton && run triton 90 $PY -m pytest -q -p no:cacheprovider tests/test_attention_triton.py \
+  tests/test_rmsnorm.py
+part attention && run attention 150 $PY -m eval.bench_attention --sweep
+part gemm && run gemm 60 $PY -m eval.bench_gemm
+part profile && run profile 120 $PY -m eval.bench_step --preset 7b --sizes 1,64 --profile triton
 # Two processes: a failed CUDA-graph capture poisons the context for whatever runs after it.
 part step && run step 90 $PY -m eval.bench_step --preset 7b --sizes 1,16,32,64 --repeats 10 \
-  --methods hf-eager,engine-triton,engine-graph-triton,engine-graph-sdpa
-part step && run step_hf_static 90 $PY -m eval.bench_step --preset 7b --sizes 1,16,32,64 \
+  --methods hf-eager,engine-triton,engine-graph-triton,engine-graph-triton+eager-norms,engine-graph-sdpa
+part hfstatic && run step_hf_static 90 $PY -m eval.bench_step --preset 7b --sizes 1,16,32,64 \
   --repeats 10 --methods hf-static-compiled
 part dit && run dit 60 $PY -m diffusion_ext.bench --iters 10
 exit 0

@@ -37,7 +37,7 @@ else:
     pytest.importorskip("triton")
     from attention.api import attention
     from attention.masks import full_mask_QK, tree_bitmask_QW
-    from attention.triton_kernel import attention_triton
+    from attention.triton_kernel import Tiles, attention_triton
     from tests.test_attention import (
         assert_matches_reference,
         block_of,
@@ -62,8 +62,9 @@ else:
         gen = torch.Generator().manual_seed(seed_of(kind, shape))
         q, k, v = random_qkv(b, h, g, q_len, kv_len, d, dtype, gen)
         kwargs = structure(kind, q_len, gen)
+        on_device = {k: v.to(DEVICE) if torch.is_tensor(v) else v for k, v in kwargs.items()}
         out, lse = attention(
-            q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), backend="triton", return_lse=True, **kwargs
+            q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), backend="triton", return_lse=True, **on_device
         )
         mask = full_mask_QK(q_len, kv_len, block_QQ=block_of(q_len, kwargs))
         assert out.dtype == dtype and lse.dtype == torch.float32
@@ -82,10 +83,25 @@ else:
         out, lse = attention_triton(
             q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), scale=0.25, causal=kind == "causal",
             tree_bits_QW=None if kind == "causal" else tree_bitmask_QW(block).to(DEVICE),
-            num_splits=num_splits, block_n=16,
+            tiles=Tiles(num_splits=num_splits, block_n=16, block_m=16),
         )  # fmt: skip
         mask = full_mask_QK(7, 37, block_QQ=block)
         assert_matches_reference(out.cpu(), lse.cpu(), q, k, v, mask, 0.25, f"{num_splits} splits")
+
+    @pytest.mark.parametrize("heads", [(2, 2), (4, 2)], ids=["MHA", "GQA"])
+    def test_causal_row_blocks_skip_masks_only_where_every_row_sees_the_block(heads):
+        # Q = K = 50 in 16 x 16 tiles: later row blocks run their first key blocks unmasked
+        # (keys at or before the block's first query), the rest masked; with GQA a row block
+        # mixes heads, so its first query index is not pid_m * 16.
+        gen = torch.Generator().manual_seed(50)
+        q, k, v = random_qkv(1, *heads, 50, 50, 16, torch.float32, gen)
+        for splits in (1, 3):
+            out, lse = attention_triton(
+                q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), scale=0.25, causal=True,
+                tiles=Tiles(num_splits=splits, block_m=16, block_n=16),
+            )  # fmt: skip
+            mask = full_mask_QK(50, 50, block_QQ=torch.ones(50, 50, dtype=torch.bool).tril())
+            assert_matches_reference(out.cpu(), lse.cpu(), q, k, v, mask, 0.25, f"{splits} splits")
 
     @pytest.mark.parametrize("d", [64, 128])
     def test_real_head_dims(d):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import datasets
 import pytest
 import torch
 
@@ -259,3 +260,30 @@ def test_lookup_branch_keeps_greedy_output_and_gets_accepted(stories260k, heads_
         assert got.token_ids == want, prompt
         accepted += sum(n - 1 for n in got.accepted_lengths)
     assert accepted > 0
+
+
+def test_extra_sampled_distill_pass_joins_training_but_not_from_held_out_prompts(tmp_path, capsys):
+    records = [{"instruction": f"Tell a story about a {w}.", "input": "", "output": "Once."}
+               for w in ["cat", "dog", "bird", "fish", "frog", "bear", "duck", "cow", "pig", "fox"]]  # fmt: skip
+    data = tmp_path / "alpaca.json"
+    data.write_text(json.dumps(records))
+    cache = tmp_path / "distill"
+    argv = ["--model", "stories260k", "--data", str(data), "--self-distill",
+            "--distill-max-new-tokens", "12", "--distill-cache", str(cache),
+            "--extra-distill-temperature", "0.8", "--eval-fraction", "0.2", "--steps", "1",
+            "--num-heads", "2", "--precision", "fp32", "--batch-size", "16", "--kind", "recurrent",
+            "--ffn-size", "16", "--draft-vocab", "64", "--out", str(tmp_path / "heads"),
+            "--checkpoint", str(tmp_path / "run" / "state.pt")]  # fmt: skip
+    assert th.main(argv) == 0, capsys.readouterr().err
+    metrics = json.loads((tmp_path / "heads" / "metrics.json").read_text())
+    assert metrics["eval_examples"] == 2
+    assert metrics["train_examples"] == 8 + 8  # greedy answers + sampled answers, 8 prompts each
+    sampled = tmp_path / "distill-t0.8-s1"  # its own cache, seeded seed + 1
+    assert json.loads((sampled / "meta.json").read_text())["temperature"] == 0.8
+    greedy, other = (
+        datasets.load_from_disk(str(next(c.glob("shard-*")))) for c in (cache, sampled)
+    )
+    assert greedy["input_ids"] != other["input_ids"]  # sampling changed some answers
+    no_distill = [a for a in argv if a != "--self-distill"]
+    assert th.main(no_distill) == 2
+    assert "needs --self-distill" in capsys.readouterr().err
