@@ -454,6 +454,10 @@ def add_arguments(p: Any) -> None:
     p.add_argument("--distill-max-new-tokens", type=int, default=256)
     p.add_argument("--distill-temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--distill-batch-size", type=int, default=8)
+    p.add_argument("--extra-distill-temperature", type=float, action="append", default=[],
+                   metavar="T", help="--self-distill: one more answer per prompt, sampled at T "
+                   "(seed + i + 1, its own cache beside --distill-cache); repeatable; prompts of "
+                   "held-out examples are left out")  # fmt: skip
     p.add_argument("--prompt-tokens", type=int, default=32,
                    help="plain text + --self-distill: continue the first N tokens")  # fmt: skip
     for name, value in asdict(d).items():
@@ -490,7 +494,9 @@ def check_writable(out: Path) -> None:
         raise TrainError(f"heads folder {out} is not writable: {err.strerror or err}") from None
 
 
-def _distilled(model: Any, records: Any, args: Any, acc: Any) -> Any:
+def _distilled(model: Any, records: Any, args: Any, acc: Any, extra: int = -1) -> Any:
+    """The base model's answers to the records' prompts (cached); `extra` = i selects the i-th
+    `--extra-distill-temperature` pass instead of the main one."""
     from medusa_engine.distill import DistillConfig, self_distill
     from medusa_engine.train_data import encode_prompt, prompt_messages, record_kind
 
@@ -502,8 +508,11 @@ def _distilled(model: Any, records: Any, args: Any, acc: Any) -> Any:
     cache = args.distill_cache or (
         f"runs/self_distill/{Path(model.name).name}-{Path(args.data).stem}"
     )
-    cfg = DistillConfig(args.distill_max_new_tokens, args.distill_temperature,
-                        args.distill_batch_size, args.seed)  # fmt: skip
+    temperature, seed = args.distill_temperature, args.seed
+    if extra >= 0:
+        temperature, seed = args.extra_distill_temperature[extra], args.seed + extra + 1
+        cache = f"{cache}-t{temperature:g}-s{seed}"
+    cfg = DistillConfig(args.distill_max_new_tokens, temperature, args.distill_batch_size, seed)
     from tqdm import tqdm
 
     bar = tqdm(total=len(prompts), desc="self-distill", disable=not acc.is_main_process)
@@ -586,6 +595,13 @@ def run(args: Any) -> int:
     train_ex, eval_ex = split_eval(
         encode_dataset(model.tokenizer, records, cfg.max_length), args.eval_fraction
     )
+    if args.extra_distill_temperature and not args.self_distill:
+        raise TrainError("--extra-distill-temperature needs --self-distill")
+    held_out = {e.record for e in eval_ex}
+    for i in range(len(args.extra_distill_temperature)):
+        sampled = encode_dataset(model.tokenizer, _distilled(model, originals, args, acc, i),
+                                 cfg.max_length)  # fmt: skip
+        train_ex += [e for e in sampled if e.record not in held_out]
     if args.with_reference_answers:
         train_ex += _reference_examples(model, originals, eval_ex, args, cfg)
     ckpt = Path(args.checkpoint) if args.checkpoint else out / "train_state.pt"
