@@ -83,12 +83,12 @@ def _engine_model(model_hf, attention: str):
     return HFModel(model_hf, name="random", attention=backend, fused_norms=fused)
 
 
-def _engine_steps(model_hf, attention: str, sizes: Sequence[int], prefix: int):
-    """(size, step) for the engine's eager verification step (all of it) at each tree size."""
+def _prefilled_engine(model_hf, attention: str, sizes: Sequence[int], prefix: int):
+    """(model, engine with 4 random Medusa heads, session, hidden_E, root) after a prefill of
+    `prefix` random tokens into a cache sized for the largest tree."""
     from medusa_engine.config import HeadsConfig
     from medusa_engine.generate import MedusaGenerator
     from medusa_engine.heads import MedusaHeads
-    from medusa_engine.tune import synthetic_tree
 
     model = _engine_model(model_hf, attention)
     heads = MedusaHeads(HeadsConfig(4, 1, model.hidden_size, model.vocab_size))
@@ -96,6 +96,14 @@ def _engine_steps(model_hf, attention: str, sizes: Sequence[int], prefix: int):
     ids = torch.randint(3, model.vocab_size, (prefix,), generator=torch.Generator().manual_seed(0))
     session = model.new_session(capacity=prefix + max(sizes) + 8)
     hidden_E, root = engine._prefill(ids.tolist(), session)
+    return model, engine, session, hidden_E.clone(), root
+
+
+def _engine_steps(model_hf, attention: str, sizes: Sequence[int], prefix: int):
+    """(size, step) for the engine's eager verification step (all of it) at each tree size."""
+    from medusa_engine.tune import synthetic_tree
+
+    model, engine, session, hidden_E, root = _prefilled_engine(model_hf, attention, sizes, prefix)
     for size in sizes:
         engine.set_tree(synthetic_tree(size, 4))
 
@@ -137,19 +145,10 @@ def profile_engine(model_hf, attention: str, sizes: Sequence[int], prefix: int) 
 def bench_engine_graph(model_hf, attention: str, sizes: Sequence[int], prefix: int,
                        repeats: int, out: dict) -> None:  # fmt: skip
     """Time a CUDA-graph-captured `StaticStep` (drafting to compaction) for each tree size."""
-    from medusa_engine.config import HeadsConfig
-    from medusa_engine.generate import MedusaGenerator
-    from medusa_engine.heads import MedusaHeads
     from medusa_engine.static_step import StaticStep
     from medusa_engine.tune import synthetic_tree
 
-    model = _engine_model(model_hf, attention)
-    heads = MedusaHeads(HeadsConfig(4, 1, model.hidden_size, model.vocab_size))
-    engine = MedusaGenerator(model, heads, "plain")
-    ids = torch.randint(3, model.vocab_size, (prefix,), generator=torch.Generator().manual_seed(0))
-    session = model.new_session(capacity=prefix + max(sizes) + 8)
-    hidden_E, root = engine._prefill(ids.tolist(), session)
-    hidden_E = hidden_E.clone()
+    model, engine, session, hidden_E, root = _prefilled_engine(model_hf, attention, sizes, prefix)
     for size in sizes:
         tree = synthetic_tree(size, 4)
         step = StaticStep(model, engine.drafter if size > 1 else None, tree, session)

@@ -2,36 +2,23 @@
 
 Shape legend: B batch, H query heads, G kv heads, Q queries, K keys, S buffer slots, D head dim.
 
-Without CUDA the kernels run under Triton's interpreter, which reads TRITON_INTERPRET when triton
-is imported. Other tests import triton earlier (a FlexAttention call does), so without CUDA this
-module re-runs itself in a fresh pytest process with TRITON_INTERPRET=1 (no conftest: it needs
-no model fixtures) and only reports that process's result.
+Without CUDA the kernels run under Triton's interpreter, in a fresh pytest process
+(`tests/triton_interpreter.py` says why).
 """
 
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-RUN_HERE = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+from tests.triton_interpreter import DEVICE, RUN_HERE, rerun_under_interpreter
 
 if not RUN_HERE:
 
     def test_triton_kernel_under_the_interpreter():
-        pytest.importorskip("triton")
-        env = {**os.environ, "TRITON_INTERPRET": "1"}
-        cmd = [sys.executable, "-m", "pytest", __file__, "-q", "-o", "addopts=--strict-markers"]
-        cmd += ["--noconftest", "-p", "no:cacheprovider"]
-        result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-        summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
-        assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
-        assert " passed" in summary and "skipped" not in summary, summary
+        rerun_under_interpreter(__file__)
 
 else:
     pytest.importorskip("triton")
