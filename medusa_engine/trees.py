@@ -50,6 +50,6 @@ TREE_PRESETS: dict[str, tuple[Path, ...]] = {
 DEFAULT_TREE = "cpu_16"
 # Nodes of the prompt-lookup branch the command line adds under every tree's root (drafters.py).
 # 80 MT-Bench first turns, bundled SmolLM2 heads, --tree auto, 2-core CPU, bf16 (README,
-# *Benchmarks*; two runs, each against HF generate in the same run): τ 1.86 -> 2.96 with it,
-# speedup 1.44x -> 1.95x.
+# *Benchmarks*, session-2 heads; two runs, each against HF generate in the same run): τ 1.86 ->
+# 2.96 with it, speedup 1.44x -> 1.95x.
 DEFAULT_LOOKUP = 5
