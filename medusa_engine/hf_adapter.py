@@ -23,6 +23,9 @@ copied or patched. Two attention paths, chosen per model (`attention=`):
 * `forward_static`: the same forward with no host-side bookkeeping at all (cache slots and mask
   prepared on the device by the caller), for a step captured in a CUDA graph
   (`medusa_engine/static_step.py`).
+* On CUDA with our backends, Llama-style RMSNorms run as one Triton kernel each
+  (`attention.rmsnorm.fuse_rms_norms`; `fused_norms=False` keeps transformers' own); `restore()`
+  hands the model back with its own attention and norms.
 
 Version differences live here: the cache keyword is `cache` from transformers 5.24
 (`past_key_values` is deprecated there) and `past_key_values` before; we read the decoder's
