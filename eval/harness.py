@@ -14,8 +14,8 @@ All methods share one loaded model and run in one process, interleaved (for each
 method), after one warm-up call each; device work is synchronised before each clock read. Greedy
 methods are compared token for token with `hf`; a difference is reported per prompt with its first
 differing position. `--tree-sweep cpu_8,cpu_16,...` adds the greedy engine on each of those trees
-(label `medusa@NAME`, heads only: no lookup branch; the `--tree` one reuses `medusa`) on the same
-prompts. Metric definitions:
+(label `medusa@NAME`, with the same `--lookup` branch as `medusa`, so trees compare like for like;
+the `--tree` one reuses `medusa`) on the same prompts. Metric definitions:
 `eval/metrics.py`; outputs: `eval/report.py`. Progress goes to stderr; stdout is a table, then one
 JSON line.
 
@@ -174,13 +174,15 @@ def _methods(
             raise CLIError("medusa-typical needs --temperature > 0")
         seed = 0 if args.seed is None else args.seed
         sampling = SamplingConfig(temperature=args.temperature, seed=seed)
-        typical = MedusaGenerator(model, greedy.drafter, greedy.heads_tree, sampling,
+        typical = MedusaGenerator(model, greedy.drafter, greedy.tree, sampling,
                                   lookup=greedy.lookup)  # fmt: skip
         out.append(Method("medusa-typical", _engine_call(typical), typical, seed, str(args.tree)))
     for name in sweep:
         if name == str(args.tree) and "medusa" in methods:
             continue  # the `medusa` runs are this tree's
-        engine = MedusaGenerator(model, greedy.drafter, name, SamplingConfig())  # heads only
+        engine = MedusaGenerator(
+            model, greedy.drafter, name, SamplingConfig(), lookup=greedy.lookup
+        )
         out.append(Method(f"medusa@{name}", _engine_call(engine), engine, tree=name))
     return out
 

@@ -71,8 +71,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         "--lookup",
         type=int,
         default=DEFAULT_LOOKUP,
-        help="a prompt-lookup branch of N nodes under the tree's root: the tokens that followed "
-        f"the text's last n-gram earlier on (default {DEFAULT_LOOKUP}; 0 = none)",
+        help="a prompt-lookup branch of up to N nodes under the tree's root: the tokens that "
+        "followed the text's last n-gram earlier on, N / N/2 / N/4 of them for a 3 / 2 / 1-gram "
+        f"match, none without a match (default {DEFAULT_LOOKUP}; 0 = none)",
     )
     p.add_argument(
         "--static-step",

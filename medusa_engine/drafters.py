@@ -185,7 +185,7 @@ def make_drafter(heads: AnyHeads, model: HFModel) -> Drafter:
 def with_lookup_branch(tree: TreeBuffers, length: int) -> TreeBuffers:
     """`tree` plus a chain of `length` nodes under the root, appended after its nodes.
 
-    The chain holds a prompt-lookup guess (`LookupDrafter`). Appending keeps every root-to-node
+    The chain holds a prompt-lookup guess (`LookupBranch`). Appending keeps every root-to-node
     index sequence increasing and parents before children, as compaction needs.
     """
     n, total = tree.num_nodes, tree.num_nodes + length
@@ -205,9 +205,9 @@ def with_lookup_branch(tree: TreeBuffers, length: int) -> TreeBuffers:
     return TreeBuffers(mask, depth, topk_index, parent, paths, tree.top_k, tree.num_heads)
 
 
-def lookup(token_ids: Sequence[int], length: int, max_ngram: int = 3) -> list[int]:
-    """Prompt-lookup decoding's guess: the `length` tokens that followed the latest earlier
-    occurrence of the longest suffix n-gram (n <= max_ngram) of `token_ids`; [] if none.
+def lookup(token_ids: Sequence[int], length: int, max_ngram: int = 3) -> tuple[list[int], int]:
+    """Prompt-lookup decoding's guess: (the `length` tokens that followed the latest earlier
+    occurrence of the longest suffix n-gram (n <= max_ngram) of `token_ids`, n); ([], 0) if none.
 
     Runs once per step on the host: candidate starts are the earlier positions of the last token
     (one C-level scan), and only those are compared further."""
@@ -218,57 +218,43 @@ def lookup(token_ids: Sequence[int], length: int, max_ngram: int = 3) -> list[in
         tail = seq[-n:]
         for end in reversed(ends):
             if end - n + 1 >= 0 and seq[end - n + 1 : end + 1] == tail:
-                return seq[end + 1 : end + 1 + length]
-    return []
+                return seq[end + 1 : end + 1 + length], n
+    return [], 0
 
 
-class LookupDrafter:
-    """A drafter plus a prompt-lookup branch: a chain of `length` nodes under the root filled
-    with the tokens that followed the latest earlier occurrence of the text's last n-gram (as HF's
-    prompt-lookup decoding does). Free of training, strong where answers copy the prompt; the
-    tree's verification keeps whichever branch is right. Use `with_lookup_branch` trees."""
+class LookupBranch:
+    """A prompt-lookup guess as a chain of nodes under the tree's root, as long as its match is
+    strong: the tokens that followed the latest earlier occurrence of the text's last n-gram (as
+    HF's prompt-lookup decoding proposes), `max_length >> (max_ngram - n)` of them for an n-gram
+    match (16 / 8 / 4 for 3 / 2 / 1-gram matches with `max_length` 16), no branch without one.
 
-    def __init__(self, drafter: Drafter | None, length: int) -> None:
-        if length < 1:
-            raise ValueError(f"the lookup branch needs length >= 1, got {length}")
-        self.inner, self.length = drafter, length
-        self.num_heads = drafter.num_heads if drafter is not None else 0
-        self._inner_tree: tuple[TreeBuffers, TreeBuffers] | None = None
+    Free of training, strong where answers copy the prompt or themselves; the tree's verification
+    keeps whichever branch is right. Why the length follows n (SmolLM2 + bundled heads, 16 MT-Bench
+    first turns, 1,036 steps, 12-token guesses): no match in 43% of the steps; tokens accepted from
+    the guess, mean 0.87 after a 1-gram match, 1.95 after a 2-gram, 7.48 after a 3-gram (46% of
+    those accepted all 12). A fixed-length chain wastes nodes on weak guesses and cuts strong ones.
+    """
 
-    def _split(self, tree: TreeBuffers) -> TreeBuffers:
-        """The inner drafter's part of a `with_lookup_branch` tree (cached per tree)."""
-        if self._inner_tree is None or self._inner_tree[0] is not tree:
-            n = tree.num_nodes - self.length
-            paths = tree.paths_PL[:-1]
-            keep = int((paths >= 0).sum(1).max()) if n > 1 else 1
-            inner = TreeBuffers(tree.mask_NN[:n, :n], tree.depth_N[:n], tree.topk_index_N[:n],
-                                tree.parent_N[:n], paths[:, :keep], tree.top_k, tree.num_heads)  # fmt: skip
-            self._inner_tree = (tree, inner)
-        return self._inner_tree[1]
+    def __init__(self, max_length: int, max_ngram: int = 3) -> None:
+        if max_length < 1:
+            raise ValueError(f"the lookup branch needs max_length >= 1, got {max_length}")
+        self.max_length, self.max_ngram = max_length, max_ngram
+        self._trees: tuple[TreeBuffers, dict[int, TreeBuffers]] | None = None
 
-    def draft(
-        self,
-        hidden_E: torch.Tensor,
-        root: torch.Tensor,
-        tree: TreeBuffers,
-        token_ids: Sequence[int],
-    ) -> torch.Tensor:
-        inner = self._split(tree)
-        tokens_N = (
-            self.inner.draft(hidden_E, root, inner, token_ids)
-            if self.inner is not None and inner.num_nodes > 1
-            else root.reshape(1)
-        )
-        root_id = int(root)  # the lookup runs on the host
-        guess = lookup([*token_ids, root_id], self.length)
-        guess += [root_id] * (self.length - len(guess))  # no match: filler, simply rejected
-        return torch.cat(
-            [tokens_N, torch.tensor(guess, dtype=tokens_N.dtype, device=tokens_N.device)]
-        )
+    def length_for(self, ngram: int) -> int:
+        """Chain length after a suffix match of `ngram` tokens (0: no match)."""
+        return self.max_length >> (self.max_ngram - ngram) if ngram > 0 else 0
 
-    def path_topk(
-        self, hidden_E: torch.Tensor, path_D: Sequence[int], token_ids: Sequence[int], top_k: int
-    ) -> torch.Tensor:
-        if self.inner is None:
-            raise ValueError("a lookup branch alone has no heads to tune")
-        return self.inner.path_topk(hidden_E, path_D, token_ids, top_k)
+    def guess(self, token_ids: Sequence[int]) -> list[int]:
+        """The chain's tokens for text `token_ids` (ending with the root); [] for no branch."""
+        tokens, ngram = lookup(token_ids, self.max_length, self.max_ngram)
+        return tokens[: self.length_for(ngram)]
+
+    def tree(self, tree: TreeBuffers, length: int) -> TreeBuffers:
+        """`tree` with a chain of `length` nodes (built once per length while `tree` is current)."""
+        if self._trees is None or self._trees[0] is not tree:
+            self._trees = (tree, {})
+        built = self._trees[1]
+        if length not in built:
+            built[length] = with_lookup_branch(tree, length)
+        return built[length]

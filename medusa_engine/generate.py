@@ -6,8 +6,9 @@ Token ids in, token ids out: this module knows nothing about text. One step (Med
 
 1. the drafter fills the tree from the hidden state of the last kept token: the root is the base
    model's own next token, deeper nodes the heads' top-k (Medusa heads: from that hidden state
-   alone; recurrent heads: also from the tokens on the node's path; with `lookup` > 0 a chain
-   under the root holds a prompt-lookup guess; see `drafters.py`);
+   alone; recurrent heads: also from the tokens on the node's path; see `drafters.py`); with
+   `lookup` > 0, a chain under the root holds a prompt-lookup guess when the text has one
+   (`drafters.LookupBranch`: its length, up to `lookup`, follows the strength of the match);
 2. one forward of the base model verifies all N nodes (tree mask + position ids over the cache);
 3. the acceptance rule keeps the longest valid prefix of one path, plus the base model's next
    token after it (the bonus token, the next root);
@@ -28,7 +29,7 @@ import torch
 from medusa_engine.acceptance import accept
 from medusa_engine.candidates import choose_token, path_tokens
 from medusa_engine.config import SamplingConfig
-from medusa_engine.drafters import Drafter, LookupDrafter, make_drafter, with_lookup_branch
+from medusa_engine.drafters import Drafter, LookupBranch, make_drafter
 from medusa_engine.heads import AnyHeads, MedusaHeads
 from medusa_engine.hf_adapter import HFModel, KVSession
 from medusa_engine.recurrent_heads import RecurrentHeads
@@ -93,11 +94,9 @@ class MedusaGenerator:
             if isinstance(heads, (MedusaHeads, RecurrentHeads))
             else heads
         )
-        # `lookup` > 0 adds a prompt-lookup branch of that many nodes under the root of every tree.
+        # `lookup` > 0: a prompt-lookup branch of up to that many nodes under the tree's root.
         self.lookup = lookup
-        self._draft: Drafter | None = (
-            LookupDrafter(self.drafter, lookup) if lookup > 0 else self.drafter
-        )
+        self.lookup_branch = LookupBranch(lookup) if lookup > 0 else None
         self.set_tree(tree)
         self.plain_tree = build_tree([], 0).to(model.device)
         self.generator = torch.Generator(device=model.device)
@@ -113,10 +112,7 @@ class MedusaGenerator:
             tree = build_tree([tuple(p) for p in tree], num_heads)
         if tree.num_heads > num_heads:
             raise ValueError(f"tree is {tree.num_heads} deep but the drafter has {num_heads} heads")
-        self.heads_tree = tree.to(self.model.device)  # without the lookup branch
-        self.tree = (
-            with_lookup_branch(self.heads_tree, self.lookup) if self.lookup else self.heads_tree
-        )
+        self.tree = tree.to(self.model.device)  # the drafter's (a lookup branch comes per step)
 
     # ---- public API -------------------------------------------------------------------------
 
@@ -170,7 +166,8 @@ class MedusaGenerator:
             result.finish_reason = "length"
             return
         # A static cache is sized for this request (prompt + budget + one tree), not the context.
-        needed = min(len(prompt) + max_new_tokens + self.tree.num_nodes, self.model.max_context)
+        needed = len(prompt) + max_new_tokens + self.tree.num_nodes + self.lookup
+        needed = min(needed, self.model.max_context)
         if session is None:
             session = self.model.new_session(needed)
         self.model.reserve(session, needed)
@@ -226,7 +223,8 @@ class MedusaGenerator:
         """One verification step; returns (hidden_E, next root, emitted tokens)."""
         tree = self.tree
         past = len(session)
-        if past + tree.max_depth + 1 > self.model.max_context:
+        near_end = past + max(tree.max_depth, self.lookup) + 1 > self.model.max_context
+        if near_end:
             tree = self.plain_tree  # near the end of the context, finish one token at a time
         if self.static and tree is self.tree:
             step = self._static_for(session)
@@ -234,10 +232,16 @@ class MedusaGenerator:
             session.token_ids.extend([root, *chunk[:-1]])
             return step.hidden_E, chunk[-1], chunk
         root_t = torch.tensor(root, device=self.model.device)
-        if tree.num_nodes > 1 and self._draft is not None:
-            tree_tokens_N = self._draft.draft(hidden_E, root_t, tree, session.token_ids)
+        if tree.num_nodes > 1 and self.drafter is not None:
+            tree_tokens_N = self.drafter.draft(hidden_E, root_t, tree, session.token_ids)
         else:
             tree_tokens_N = root_t.reshape(1)
+        if self.lookup_branch is not None and not near_end:
+            guess = self.lookup_branch.guess([*session.token_ids, root])  # on the host
+            if guess:
+                tree = self.lookup_branch.tree(tree, len(guess))
+                guess_G = torch.tensor(guess, dtype=tree_tokens_N.dtype, device=root_t.device)
+                tree_tokens_N = torch.cat([tree_tokens_N, guess_G])
         candidates_PL = path_tokens(tree_tokens_N, tree)
         hidden_NE = self.model.forward(
             tree_tokens_N,
@@ -272,7 +276,7 @@ class MedusaGenerator:
             or step.cache is not session.cache.static  # reallocated to grow
             or step.source_tree is not self.tree
         ):
-            step = self._static_step = StaticStep(self.model, self._draft, self.tree, session)
+            step = self._static_step = StaticStep(self.model, self.drafter, self.tree, session)
         return step
 
 

@@ -28,7 +28,7 @@ from attention.api import prepare_static
 from attention.masks import tree_bitmask_QW
 from medusa_engine.acceptance import accept_greedy
 from medusa_engine.candidates import path_tokens
-from medusa_engine.drafters import Drafter, LookupDrafter
+from medusa_engine.drafters import Drafter
 from medusa_engine.hf_adapter import EngineCache, HFModel, KVSession
 from medusa_engine.tree import TreeBuffers
 
@@ -49,8 +49,6 @@ class StaticStep:
             raise ValueError(
                 "a static step needs one of our attention backends (--attention sdpa/flex/triton)"
             )
-        if isinstance(drafter, LookupDrafter):
-            raise ValueError("the prompt-lookup branch reads the text on the host: use lookup=0")
         if tree.num_nodes > 1 and drafter is None:
             raise ValueError("a tree of more than one node needs a drafter")
         device = model.device

@@ -115,13 +115,14 @@ def measure_latency(
     )
     session = model.new_session()
     hidden_E, root = engine._prefill(prompt.tolist(), session)
-    saved = engine.heads_tree
+    saved, saved_branch = engine.tree, engine.lookup_branch
+    engine.lookup_branch = None  # the drafter's tree alone: a lookup branch comes only with a match
     latency: dict[int, float] = {}
     try:
         for size in sizes:
             if size > 1 and heads == 0:
                 break
-            engine.set_tree(synthetic_tree(size, max(heads, 1)))  # + any lookup branch
+            engine.set_tree(synthetic_tree(size, max(heads, 1)))
             times = []
             for i in range(repeats + 1):
                 start = time.perf_counter()
@@ -137,6 +138,7 @@ def measure_latency(
                 progress(f"step with {size:>3} nodes: {latency[size]:.2f} ms")
     finally:
         engine.set_tree(saved)
+        engine.lookup_branch = saved_branch
     return latency
 
 
@@ -313,7 +315,7 @@ def auto_tree(
     engine: MedusaGenerator, heads_dir: Path | None, progress: Callable[[str], None]
 ) -> TunedTree:
     """The cached tuned tree for this model + heads + device + dtype, tuning on first use."""
-    key = cache_key(engine.model, heads_dir) + (f"-lookup{engine.lookup}" if engine.lookup else "")
+    key = cache_key(engine.model, heads_dir)
     path = cache_dir() / "trees" / f"{key}.json"
     if path.is_file():
         return TunedTree.load(path)

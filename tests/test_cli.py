@@ -10,6 +10,7 @@ import torch
 from medusa_engine.cli import main
 from medusa_engine.config import HeadsConfig
 from medusa_engine.heads import MedusaHeads
+from medusa_engine.trees import DEFAULT_LOOKUP
 from tests.helpers import random_heads
 
 
@@ -109,7 +110,7 @@ def test_default_tree_is_the_heads_own_tree(tmp_path):
     engine = load_engine(parser.parse_args([*base, "--lookup", "0"]))
     assert engine.tree.num_nodes == 17  # no tree.json: the cpu_16 preset
     engine = load_engine(parser.parse_args(base))
-    assert engine.tree.num_nodes == 17 + 5  # + the default prompt-lookup branch
+    assert engine.tree.num_nodes == 17 and engine.lookup == DEFAULT_LOOKUP  # branch comes per step
     base = [*base, "--lookup", "0"]
     (tmp_path / "heads" / "tree.json").write_text(json.dumps({"paths": [[0], [1], [0, 0]]}))
     engine = load_engine(parser.parse_args(base))

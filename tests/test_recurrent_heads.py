@@ -236,9 +236,25 @@ def test_prompt_lookup_guess():
 
     #          0  1  2  3  4  5  6  7  8  9
     history = [5, 6, 7, 8, 9, 1, 5, 6, 7, 2, 5, 6, 7]
-    assert lookup(history, 3) == [2, 5, 6]  # the latest earlier "5 6 7" is at 6..8
-    assert lookup([1, 2, 3, 4, 9, 2], 2) == [3, 4]  # only a 1-gram matches
-    assert lookup([1, 2, 3], 4) == []
+    assert lookup(history, 3) == ([2, 5, 6], 3)  # the latest earlier "5 6 7" is at 6..8
+    assert lookup([1, 2, 3, 4, 9, 2], 2) == ([3, 4], 1)  # only a 1-gram matches
+    assert lookup([1, 2, 3], 4) == ([], 0)
+
+
+def test_lookup_branch_length_follows_the_match():
+    from medusa_engine.drafters import LookupBranch
+
+    branch = LookupBranch(16)
+    assert [branch.length_for(n) for n in range(4)] == [0, 4, 8, 16]
+    text = list(range(100, 140))  # no repeats: no branch
+    assert branch.guess(text) == []
+    assert branch.guess([*text, 120]) == list(range(121, 125))  # 1-gram: 4 tokens
+    assert branch.guess([*text, 119, 120]) == list(range(121, 129))  # 2-gram: 8
+    assert branch.guess([*text, 118, 119, 120]) == list(range(121, 137))  # 3-gram: 16
+    assert branch.guess([*text, 137, 138, 139, 137, 138]) == [139, 137, 138]  # runs out of text
+    tree = tree_from_name("cpu_16", 4)
+    assert branch.tree(tree, 3) is branch.tree(tree, 3)
+    assert branch.tree(tree, 3).num_nodes == 17 + 3
 
 
 @pytest.mark.parametrize("heads_kind", ["recurrent", "none"])
@@ -250,7 +266,7 @@ def test_lookup_branch_keeps_greedy_output_and_gets_accepted(stories260k, heads_
     assert tree.mask_NN[21].nonzero()[:, 0].tolist() == [0, 17, 18, 19, 20, 21]
     heads = random_recurrent(stories260k, seed=5) if heads_kind == "recurrent" else None
     plain = MedusaGenerator(stories260k, None, "plain")
-    engine = MedusaGenerator(stories260k, heads, "cpu_16" if heads else "plain", lookup=5)
+    engine = MedusaGenerator(stories260k, heads, "cpu_16" if heads else "plain", lookup=8)
     accepted = 0
     for prompt in PROMPTS[:6]:
         # A repeated sentence: the continuation copies it, so the branch must pay off somewhere.

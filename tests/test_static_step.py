@@ -63,7 +63,7 @@ def test_static_step_leaves_the_host_length_to_run(model_sdpa):
     session = model_sdpa.new_session(256)
     ids = model_sdpa.tokenizer(PROMPTS[1])["input_ids"]
     hidden_E, root = engine._prefill(ids, session)
-    step = StaticStep(model_sdpa, engine._draft, engine.tree, session)
+    step = StaticStep(model_sdpa, engine.drafter, engine.tree, session)
     emitted = step.run(hidden_E, root, len(ids))
     assert 1 <= len(emitted) <= engine.tree.max_depth + 1
     assert session.cache.static.length == len(ids) + len(emitted)
