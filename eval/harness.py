@@ -79,7 +79,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", required=True, help="output folder (created)")
     parser.add_argument(
-        "--tree-sweep", default=None, help="tree presets for `medusa`, e.g. cpu_8,cpu_16"
+        "--tree-sweep",
+        default=None,
+        help="trees for `medusa`: presets or dynamic:N, e.g. cpu_8,dynamic:16",
     )
     parser.add_argument("--raw", action="store_true", help="do not apply the chat template")
     parser.add_argument(
@@ -123,8 +125,8 @@ def _run(args: argparse.Namespace) -> int:
     if unknown or not methods:
         raise CLIError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
     sweep = list(dict.fromkeys(_split(args.tree_sweep or "")))
-    if [t for t in sweep if t not in TREE_PRESETS]:
-        raise CLIError(f"--tree-sweep takes preset names: {', '.join(TREE_PRESETS)}")
+    if [t for t in sweep if t not in TREE_PRESETS and not t.startswith("dynamic:")]:
+        raise CLIError(f"--tree-sweep takes preset names ({', '.join(TREE_PRESETS)}) or dynamic:N")
     prompts = load_prompts(args.prompts, args.limit)
     if not prompts:
         raise CLIError("no prompts to run (--limit 0?)")

@@ -50,8 +50,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--tree",
         default="default",
-        help="tree preset name, a JSON file of paths, 'auto' (tuned for this machine), or "
-        f"'default': the heads' own tree.json if they have one, else {DEFAULT_TREE}",
+        help="tree preset name, a JSON file of paths, 'auto' (tuned for this machine), "
+        "'dynamic:N[:TOPK[:BEAM]]' (N nodes shaped each step by the heads' confidence, as in "
+        f"EAGLE-2), or 'default': the heads' own tree.json if they have one, else {DEFAULT_TREE}",
     )
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     p.add_argument(
@@ -125,7 +126,7 @@ def load_engine(args: argparse.Namespace):
     if args.tree == "auto" and heads is not None:
         from medusa_engine.tune import auto_tree
 
-        engine.set_tree(auto_tree(engine, heads_dir, _progress).paths)
+        engine.set_tree(auto_tree(engine, heads_dir, _progress).tree)
     return engine
 
 
@@ -144,11 +145,19 @@ def cmd_tune_tree(args: argparse.Namespace) -> int:
         raise CLIError("tune-tree needs heads: pass --heads DIR (or a model with bundled heads)")
     tuned, value = tune(engine, progress=_progress, new_tokens=args.calibration_tokens)
     print(f"{'tree':<16}{'nodes':>6}{'pred. tau':>10}{'step ms':>9}{'tau/ms':>9}")
-    rows = {"auto": (len(tuned.paths) + 1, tuned.predicted_tau, tuned.step_ms)}
+    auto_nodes = tuned.dynamic_nodes or len(tuned.paths) + 1
+    rows = {"auto": (auto_nodes, tuned.predicted_tau, tuned.step_ms)}
+    if tuned.dynamic_nodes:
+        rows["best static"] = (
+            len(tuned.paths) + 1,
+            *score_tree(tuned.paths, value, tuned.latency_ms),
+        )
     for name in TREE_PRESETS:
         tree = tree_from_name(name, engine.drafter.num_heads)
         paths = [p for p in TREE_PRESETS[name] if len(p) <= tree.num_heads]
         rows[name] = (len(paths) + 1, *score_tree(paths, value, tuned.latency_ms))
+    for n, tau in tuned.dynamic_tau.items():
+        rows[f"dynamic:{n}"] = (n, tau, tuned.dynamic_latency_ms[n])
     for name, (nodes, tau, ms) in rows.items():
         print(f"{name:<16}{nodes:>6}{tau:>10.3f}{ms:>9.2f}{tau / ms:>9.4f}")
     if args.out:
@@ -166,6 +175,8 @@ def _tree_arg(value: str):
             data = json.loads(path.read_text())
         except json.JSONDecodeError as err:
             raise CLIError(f"{path} is not valid JSON: {err}") from None
+        if isinstance(data, dict) and data.get("dynamic_nodes"):  # `tune-tree --out`: dynamic won
+            return f"dynamic:{int(data['dynamic_nodes'])}"
         paths = data.get("paths", data) if isinstance(data, dict) else data
         if not isinstance(paths, list) or not all(isinstance(p, list) for p in paths):
             raise CLIError(f"{path} must hold a list of paths (lists of ranks)")

@@ -11,6 +11,9 @@ A drafter fills a tree (`TreeBuffers`) given the hidden state of the last kept t
 * `RecurrentDrafter`: each node's children come from a state that has read the tokens on the
   node's path (`recurrent_heads.py`); depth by depth, one batched transition per depth.
 
+`draft_dynamic` instead shapes the tree itself each step from the drafter's confidence
+(`dynamic_tree.py`, as in EAGLE-2): the same N nodes, spent where the heads are sure.
+
 `path_topk` is what tree tuning measures: the top-k proposals at each depth when the tree follows
 a given path (the true continuation).
 """
@@ -24,6 +27,7 @@ from typing import Protocol
 import torch
 
 from medusa_engine.candidates import fill_tree
+from medusa_engine.dynamic_tree import DynamicTree, grow
 from medusa_engine.heads import AnyHeads, MedusaHeads
 from medusa_engine.hf_adapter import HFModel
 from medusa_engine.recurrent_heads import RecurrentHeads
@@ -41,6 +45,16 @@ class Drafter(Protocol):
         token_ids: Sequence[int],
     ) -> torch.Tensor:
         """tree_tokens_N: the root (0-d tensor) at node 0, proposals at the other nodes."""
+        ...
+
+    def draft_dynamic(
+        self,
+        hidden_E: torch.Tensor,
+        root: torch.Tensor,
+        spec: DynamicTree,
+        token_ids: Sequence[int],
+    ) -> tuple[torch.Tensor, TreeBuffers]:
+        """(tree_tokens_N, tree): a tree shaped by this step's confidence (`dynamic_tree.py`)."""
         ...
 
     def path_topk(
@@ -67,6 +81,22 @@ class LogitsDrafter:
         token_ids: Sequence[int],
     ) -> torch.Tensor:
         return fill_tree(root, self.logits(hidden_E, token_ids), tree)
+
+    @torch.inference_mode()
+    def draft_dynamic(
+        self,
+        hidden_E: torch.Tensor,
+        root: torch.Tensor,
+        spec: DynamicTree,
+        token_ids: Sequence[int],
+    ) -> tuple[torch.Tensor, TreeBuffers]:
+        logp_KV = torch.log_softmax(self.logits(hidden_E, token_ids).float(), dim=-1)
+        depth = iter(range(spec.depth))
+
+        def expand(rows_B: torch.Tensor, tokens_B: torch.Tensor) -> torch.Tensor:
+            return logp_KV[next(depth)].expand(rows_B.shape[0], -1)  # the same for every parent
+
+        return grow(spec, root, expand)
 
     def path_topk(
         self, hidden_E: torch.Tensor, path_D: Sequence[int], token_ids: Sequence[int], top_k: int
@@ -161,6 +191,23 @@ class RecurrentDrafter:
             top_RR = self.heads.logits(states_RE, self.lm_ME).topk(tree.top_k, dim=-1).indices
             tokens_N[plan.children] = self.vocab_M[top_RR.flatten()[plan.slots]]
         return tokens_N
+
+    @torch.inference_mode()
+    def draft_dynamic(
+        self,
+        hidden_E: torch.Tensor,
+        root: torch.Tensor,
+        spec: DynamicTree,
+        token_ids: Sequence[int],
+    ) -> tuple[torch.Tensor, TreeBuffers]:
+        states_BE = hidden_E[None]
+
+        def expand(rows_B: torch.Tensor, tokens_B: torch.Tensor) -> torch.Tensor:
+            nonlocal states_BE
+            states_BE = self.heads.step(states_BE[rows_B], self.embed(tokens_B))
+            return torch.log_softmax(self.heads.logits(states_BE, self.lm_ME).float(), dim=-1)
+
+        return grow(spec, root, expand, self.vocab_M)
 
     @torch.inference_mode()
     def path_topk(

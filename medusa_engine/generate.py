@@ -30,6 +30,7 @@ from medusa_engine.acceptance import accept
 from medusa_engine.candidates import choose_token, path_tokens
 from medusa_engine.config import SamplingConfig
 from medusa_engine.drafters import Drafter, LookupBranch, make_drafter
+from medusa_engine.dynamic_tree import DynamicTree, parse_dynamic
 from medusa_engine.heads import AnyHeads, MedusaHeads
 from medusa_engine.hf_adapter import HFModel, KVSession
 from medusa_engine.recurrent_heads import RecurrentHeads
@@ -74,7 +75,7 @@ class MedusaGenerator:
         self,
         model: HFModel,
         heads: AnyHeads | Drafter | None = None,
-        tree: TreeBuffers | str | Sequence[Sequence[int]] = DEFAULT_TREE,
+        tree: TreeBuffers | DynamicTree | str | Sequence[Sequence[int]] = DEFAULT_TREE,
         sampling: SamplingConfig | None = None,
         lookup: int = 0,
         static: bool = False,
@@ -97,18 +98,25 @@ class MedusaGenerator:
         # `lookup` > 0: a prompt-lookup branch of up to that many nodes under the tree's root.
         self.lookup = lookup
         self.lookup_branch = LookupBranch(lookup) if lookup > 0 else None
+        self.tree: TreeBuffers | DynamicTree
         self.set_tree(tree)
         self.plain_tree = build_tree([], 0).to(model.device)
         self.generator = torch.Generator(device=model.device)
         if self.sampling.seed is not None:
             self.generator.manual_seed(self.sampling.seed)
 
-    def set_tree(self, tree: TreeBuffers | str | Sequence[Sequence[int]]) -> None:
-        """Use a preset name, a list of paths or built buffers from the next request on."""
+    def set_tree(self, tree: TreeBuffers | DynamicTree | str | Sequence[Sequence[int]]) -> None:
+        """Use a preset name (or `dynamic:N...`), a list of paths, built buffers or a
+        `DynamicTree` from the next request on."""
         num_heads = self.drafter.num_heads if self.drafter is not None else 0
         if isinstance(tree, str):
-            tree = tree_from_name(tree, num_heads)
-        elif not isinstance(tree, TreeBuffers):
+            tree = parse_dynamic(tree) or tree_from_name(tree, num_heads)
+        if isinstance(tree, DynamicTree):
+            if self.static:
+                raise ValueError("static (CUDA-graph) steps need a static tree, not a dynamic one")
+            self.tree = tree.for_heads(num_heads)
+            return
+        if not isinstance(tree, TreeBuffers):
             tree = build_tree([tuple(p) for p in tree], num_heads)
         if tree.num_heads > num_heads:
             raise ValueError(f"tree is {tree.num_heads} deep but the drafter has {num_heads} heads")
@@ -221,18 +229,22 @@ class MedusaGenerator:
         self, hidden_E: torch.Tensor, root: int, session: KVSession
     ) -> tuple[torch.Tensor, int, list[int]]:
         """One verification step; returns (hidden_E, next root, emitted tokens)."""
-        tree = self.tree
-        past = len(session)
-        near_end = past + max(tree.max_depth, self.lookup) + 1 > self.model.max_context
-        if near_end:
-            tree = self.plain_tree  # near the end of the context, finish one token at a time
-        if self.static and tree is self.tree:
+        spec, past = self.tree, len(session)
+        # Near the end of the context, finish one token at a time.
+        near_end = past + max(spec.max_depth, self.lookup) + 1 > self.model.max_context
+        if self.static and not near_end:
             step = self._static_for(session)
             chunk = step.run(hidden_E, root, past)
             session.token_ids.extend([root, *chunk[:-1]])
             return step.hidden_E, chunk[-1], chunk
         root_t = torch.tensor(root, device=self.model.device)
-        if tree.num_nodes > 1 and self.drafter is not None:
+        tree = self.plain_tree if near_end or self.drafter is None else spec
+        if isinstance(tree, DynamicTree):
+            assert self.drafter is not None
+            tree_tokens_N, tree = self.drafter.draft_dynamic(
+                hidden_E, root_t, tree, session.token_ids
+            )
+        elif tree.num_nodes > 1 and self.drafter is not None:
             tree_tokens_N = self.drafter.draft(hidden_E, root_t, tree, session.token_ids)
         else:
             tree_tokens_N = root_t.reshape(1)
@@ -276,6 +288,7 @@ class MedusaGenerator:
             or step.cache is not session.cache.static  # reallocated to grow
             or step.source_tree is not self.tree
         ):
+            assert isinstance(self.tree, TreeBuffers)  # set_tree refuses dynamic trees when static
             step = self._static_step = StaticStep(self.model, self.drafter, self.tree, session)
         return step
 

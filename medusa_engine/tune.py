@@ -18,6 +18,13 @@ Shape legend: T = calibration positions, K = heads, R = top-k ranks considered.
    n, the n-node tree of maximal expected τ; we keep the n maximising τ(n) / latency(n + 1).
 
 Presets scored on the same measurements (`score_tree`) can only do as well or worse.
+
+4. **Dynamic trees** (`dynamic:N`, `dynamic_tree.py`): their expected τ is not a sum of fixed
+   node values, so it is measured directly: at each calibration position the drafter grows its
+   N-node tree from the true root, and the deepest node whose path equals the true continuation
+   is what verification would accept. Their latency curve is timed like the static one (their
+   drafting costs more). The dynamic size with the best τ / latency replaces the static tree when
+   its ratio is higher.
 """
 
 from __future__ import annotations
@@ -28,13 +35,15 @@ import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from medusa_engine.atomic import atomic_write
+from medusa_engine.candidates import path_tokens
+from medusa_engine.dynamic_tree import DynamicTree
 from medusa_engine.generate import MedusaGenerator
 from medusa_engine.hf_adapter import HFModel
 from medusa_engine.models import ASSETS, cache_dir
@@ -44,22 +53,31 @@ log = logging.getLogger(__name__)
 
 TreePath = tuple[int, ...]
 LATENCY_SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128)
+DYNAMIC_MIN_NODES = 4  # smaller dynamic trees are static trees in all but cost
 
 
 @dataclass(frozen=True)
 class TunedTree:
     """A tuned tree and the measurements it was chosen from (saved as JSON)."""
 
-    paths: list[list[int]]
-    predicted_tau: float
+    paths: list[list[int]]  # the best static tree
+    predicted_tau: float  # of the chosen tree (static, or dynamic when dynamic_nodes > 0)
     step_ms: float
     latency_ms: dict[int, float]  # tree nodes (incl. root) -> measured step latency
     calibration_positions: int
     key: str = ""
+    dynamic_nodes: int = 0  # > 0: `dynamic:<dynamic_nodes>` won
+    dynamic_tau: dict[int, float] = field(default_factory=dict)  # nodes -> measured expected τ
+    dynamic_latency_ms: dict[int, float] = field(default_factory=dict)
 
     @property
     def tokens_per_ms(self) -> float:
         return self.predicted_tau / self.step_ms
+
+    @property
+    def tree(self) -> list[list[int]] | str:
+        """What `MedusaGenerator.set_tree` takes: the static paths or `dynamic:N`."""
+        return f"dynamic:{self.dynamic_nodes}" if self.dynamic_nodes else self.paths
 
     def save(self, path: Path) -> None:
         atomic_write(path, lambda tmp: tmp.write_text(json.dumps(asdict(self), indent=1)))
@@ -67,7 +85,8 @@ class TunedTree:
     @classmethod
     def load(cls, path: Path) -> TunedTree:
         raw = json.loads(Path(path).read_text())
-        raw["latency_ms"] = {int(k): float(v) for k, v in raw["latency_ms"].items()}
+        for name in ("latency_ms", "dynamic_tau", "dynamic_latency_ms"):
+            raw[name] = {int(k): float(v) for k, v in raw.get(name, {}).items()}
         return cls(**raw)
 
 
@@ -100,8 +119,10 @@ def measure_latency(
     cache_len: int = 256,
     repeats: int = 5,
     progress: Callable[[str], None] | None = None,
+    dynamic: bool = False,
 ) -> dict[int, float]:
-    """Wall time (ms) of one engine step for trees of each size over a `cache_len` cache.
+    """Wall time (ms) of one engine step for trees of each size over a `cache_len` cache
+    (`dynamic`: `dynamic:<size>` trees, whose drafting costs more).
 
     Each size keeps the fastest of `repeats` runs (other load on the machine only ever adds
     time), and the curve is made non-decreasing in the size: verifying more nodes never costs
@@ -122,7 +143,7 @@ def measure_latency(
         for size in sizes:
             if size > 1 and heads == 0:
                 break
-            engine.set_tree(synthetic_tree(size, max(heads, 1)))
+            engine.set_tree(DynamicTree(size) if dynamic else synthetic_tree(size, max(heads, 1)))
             times = []
             for i in range(repeats + 1):
                 start = time.perf_counter()
@@ -135,7 +156,8 @@ def measure_latency(
                 del session.token_ids[cache_len:]
             latency[size] = max(1000 * min(times), max(latency.values(), default=0.0))
             if progress:
-                progress(f"step with {size:>3} nodes: {latency[size]:.2f} ms")
+                kind = "dynamic tree" if dynamic else "step"
+                progress(f"{kind} with {size:>3} nodes: {latency[size]:.2f} ms")
     finally:
         engine.set_tree(saved)
         engine.lookup_branch = saved_branch
@@ -175,11 +197,11 @@ def calibration_prompts(tokenizer, limit: int | None = None) -> list[list[int]]:
     return out
 
 
-@torch.inference_mode()
-def head_ranks(
-    engine: MedusaGenerator, prompts: Sequence[Sequence[int]], new_tokens: int, top_k: int
-) -> torch.Tensor:
-    """rank_TK: rank of the true token t + k + 2 in head k's top-k at position t (top_k if absent).
+def calibration_positions(
+    engine: MedusaGenerator, prompts: Sequence[Sequence[int]], new_tokens: int
+) -> Iterator[tuple[torch.Tensor, list[int], int]]:
+    """(hidden_E at t, text, t) for each position t of the calibration continuations that has
+    K + 1 true tokens after it (the root at t + 1, then one per head).
 
     The "true" continuation is the base model's own greedy output, as the engine would emit.
     """
@@ -187,26 +209,57 @@ def head_ranks(
         raise ValueError("tuning a tree needs heads")
     model, k_heads = engine.model, engine.drafter.num_heads
     plain = MedusaGenerator(model, None, "plain")
-    ranks = []
     for ids in prompts:
-        out = plain.generate(ids, new_tokens).token_ids
-        seq = list(ids) + out
-        session = model.new_session()
-        hidden_TE = model.forward(torch.tensor(seq, device=model.device),
-                                  torch.arange(len(seq), device=model.device), session)  # fmt: skip
-        first, last = len(ids) - 1, len(seq) - k_heads - 2  # positions with K true future tokens
-        if last < first:
-            continue
-        for t in range(first, last + 1):
-            path_K = seq[t + 1 : t + 1 + k_heads]  # the root, then the true tokens
-            top_KR = engine.drafter.path_topk(hidden_TE[t], path_K, seq[: t + 1], top_k)
-            truth_K = torch.tensor(seq[t + 2 : t + 2 + k_heads], device=top_KR.device)
-            hit_KR = top_KR == truth_K[:, None]
-            rank_K = torch.where(hit_KR.any(-1), hit_KR.int().argmax(-1), top_k)
-            ranks.append(rank_K.cpu())
+        seq = list(ids) + plain.generate(ids, new_tokens).token_ids
+        with torch.inference_mode():
+            hidden_TE = model.forward(torch.tensor(seq, device=model.device),
+                                      torch.arange(len(seq), device=model.device),
+                                      model.new_session())  # fmt: skip
+        for t in range(len(ids) - 1, len(seq) - k_heads - 1):
+            yield hidden_TE[t], seq, t
+
+
+@torch.inference_mode()
+def head_ranks(
+    engine: MedusaGenerator, prompts: Sequence[Sequence[int]], new_tokens: int, top_k: int
+) -> torch.Tensor:
+    """rank_TK: rank of the true token t + k + 2 in head k's top-k at position t (top_k if absent)."""
+    ranks = []
+    for hidden_E, seq, t in calibration_positions(engine, prompts, new_tokens):
+        assert engine.drafter is not None
+        k_heads = engine.drafter.num_heads
+        path_K = seq[t + 1 : t + 1 + k_heads]  # the root, then the true tokens
+        top_KR = engine.drafter.path_topk(hidden_E, path_K, seq[: t + 1], top_k)
+        truth_K = torch.tensor(seq[t + 2 : t + 2 + k_heads], device=top_KR.device)
+        hit_KR = top_KR == truth_K[:, None]
+        ranks.append(torch.where(hit_KR.any(-1), hit_KR.int().argmax(-1), top_k).cpu())
     if not ranks:
         raise ValueError("calibration produced no positions: give longer continuations")
     return torch.stack(ranks)
+
+
+@torch.inference_mode()
+def dynamic_taus(
+    engine: MedusaGenerator, prompts: Sequence[Sequence[int]], new_tokens: int,
+    sizes: Sequence[int],
+) -> dict[int, float]:  # fmt: skip
+    """Expected τ of `dynamic:n` trees: 1 + mean depth of the deepest node whose path is the
+    true continuation, over the calibration positions."""
+    assert engine.drafter is not None
+    specs = {n: DynamicTree(n).for_heads(engine.drafter.num_heads) for n in sizes}
+    accepted, count = dict.fromkeys(sizes, 0), 0
+    for hidden_E, seq, t in calibration_positions(engine, prompts, new_tokens):
+        root = torch.tensor(seq[t + 1], device=hidden_E.device)
+        for n, spec in specs.items():
+            tokens_N, tree = engine.drafter.draft_dynamic(hidden_E, root, spec, seq[: t + 1])
+            candidates_NL = path_tokens(tokens_N, tree)
+            truth_L = torch.tensor(seq[t + 1 : t + 1 + candidates_NL.shape[1]], device=root.device)
+            match_NL = (candidates_NL[:, 1:] == truth_L[1:]).to(torch.int64).cumprod(dim=1)
+            accepted[n] += int(match_NL.sum(dim=1).max())
+        count += 1
+    if not count:
+        raise ValueError("calibration produced no positions: give longer continuations")
+    return {n: 1.0 + accepted[n] / count for n in sizes}
 
 
 def node_values(rank_TK: torch.Tensor, top_k: int) -> Callable[[TreePath], float]:
@@ -283,8 +336,10 @@ def tune(
     top_k: int = 10,
     sizes: Sequence[int] = LATENCY_SIZES,
     progress: Callable[[str], None] | None = None,
+    dynamic: bool = True,
 ) -> tuple[TunedTree, Callable[[TreePath], float]]:
-    """Measure, estimate and choose; returns the tuned tree and the value function used."""
+    """Measure, estimate and choose (`dynamic`: dynamic trees compete too); returns the tuned
+    tree and the value function of the static candidates."""
     if engine.drafter is None:
         raise ValueError("tuning a tree needs heads (--heads)")
     prompts = prompts if prompts is not None else calibration_prompts(engine.model.tokenizer)
@@ -297,6 +352,18 @@ def tune(
     value = node_values(ranks, top_k)
     paths, tau, ms = choose_tree(value, latency, engine.drafter.num_heads, top_k)
     tuned = TunedTree([list(p) for p in paths], tau, ms, latency, int(ranks.shape[0]))
+    dyn_sizes = [n for n in sizes if n >= DYNAMIC_MIN_NODES]
+    if not dynamic or not dyn_sizes:
+        return tuned, value
+    if progress:
+        progress(f"timing and measuring dynamic trees of {min(dyn_sizes)}..{max(dyn_sizes)} nodes")
+    dyn_latency = measure_latency(engine, dyn_sizes, progress=progress, dynamic=True)
+    dyn_tau = dynamic_taus(engine, prompts, new_tokens, dyn_sizes)
+    best = max(dyn_sizes, key=lambda n: dyn_tau[n] / dyn_latency[n])
+    tuned = replace(tuned, dynamic_tau=dyn_tau, dynamic_latency_ms=dyn_latency)
+    if dyn_tau[best] / dyn_latency[best] > tau / ms:
+        tuned = replace(tuned, dynamic_nodes=best, predicted_tau=dyn_tau[best],
+                        step_ms=dyn_latency[best])  # fmt: skip
     return tuned, value
 
 

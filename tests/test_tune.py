@@ -70,6 +70,31 @@ def test_tuned_tree_beats_every_preset_on_the_same_measurements(engine):
     for name, preset in TREE_PRESETS.items():
         tau, ms = tune.score_tree([p for p in preset if len(p) <= 4], value, tuned.latency_ms)
         assert ratio >= tau / ms - 1e-12, (name, ratio, tau / ms)
+    # Dynamic trees competed on their own measurements; the winner is what `tree` hands over.
+    assert list(tuned.dynamic_tau) == list(tuned.dynamic_latency_ms) == [4, 16, 64]
+    assert all(1.0 <= tau <= 5.0 for tau in tuned.dynamic_tau.values())
+    static_tau, static_ms = tune.score_tree(tuned.paths, value, tuned.latency_ms)
+    dyn_best = max(tau / tuned.dynamic_latency_ms[n] for n, tau in tuned.dynamic_tau.items())
+    assert ratio == pytest.approx(max(static_tau / static_ms, dyn_best))
+    if tuned.dynamic_nodes:
+        assert tuned.tree == f"dynamic:{tuned.dynamic_nodes}"
+    else:
+        assert tuned.tree == tuned.paths
+
+
+def test_dynamic_tau_counts_the_true_path(stories260k, prompt_ids):
+    """An oracle drafter's dynamic tree always holds the true continuation: τ = K + 1."""
+    from tests.helpers import OracleDrafter
+
+    ids = prompt_ids[0]
+    plain = MedusaGenerator(stories260k, None, "plain")
+    ref = plain.generate(ids, 24).token_ids
+    oracle = OracleDrafter(ref, len(ids), 3, stories260k.vocab_size)
+    engine = MedusaGenerator(stories260k, oracle, "plain")
+    assert tune.dynamic_taus(engine, [ids], 24, [4, 8]) == {4: 4.0, 8: 4.0}
+    adversary = OracleDrafter(ref, len(ids), 3, stories260k.vocab_size, adversarial=True)
+    engine = MedusaGenerator(stories260k, adversary, "plain")
+    assert tune.dynamic_taus(engine, [ids], 24, [4, 8]) == {4: 1.0, 8: 1.0}
 
 
 def test_auto_tree_is_cached(engine, tmp_path, monkeypatch):
@@ -86,5 +111,6 @@ def test_auto_tree_is_cached(engine, tmp_path, monkeypatch):
     first = tune.auto_tree(engine, None, messages.append)
     second = tune.auto_tree(engine, None, messages.append)
     assert calls == [1] and first.paths == second.paths == [[0], [0, 0]]
+    assert first.tree == [[0], [0, 0]]  # a cache written before dynamic trees still loads
     assert len(messages) == 1 and "tuning the tree" in messages[0]
     assert len(list((tmp_path / "trees").glob("*.json"))) == 1
