@@ -217,6 +217,7 @@ def test_reference_answers_join_training_but_not_from_held_out_prompts(tmp_path,
 
 def test_bundled_default_model_heads_and_tree_load():
     from medusa_engine.cli import _tree_arg
+    from medusa_engine.dynamic_tree import parse_dynamic
     from medusa_engine.models import ASSETS
     from medusa_engine.tree import build_tree
 
@@ -225,8 +226,15 @@ def test_bundled_default_model_heads_and_tree_load():
     assert isinstance(heads, RecurrentHeads)
     assert (heads.config.hidden_size, heads.config.vocab_size) == (576, 49152)
     assert heads.draft_vocab_M.unique().numel() == heads.config.draft_vocab  # distinct ids
-    tree = build_tree(_tree_arg(str(folder / "tree.json")), heads.num_heads)
+    tuned = json.loads((folder / "tree.json").read_text())  # a `tune-tree --out` file
+    tree = build_tree([tuple(p) for p in tuned["paths"]], heads.num_heads)  # its best static tree
     assert 1 < tree.num_nodes <= 128
+    spec = _tree_arg(str(folder / "tree.json"))  # what `--tree default` runs
+    if tuned.get("dynamic_nodes"):
+        dynamic = parse_dynamic(spec)
+        assert dynamic is not None and dynamic.for_heads(heads.num_heads).nodes > 1
+    else:
+        assert spec == [tuple(p) for p in tuned["paths"]]
     metrics = json.loads((folder / "metrics.json").read_text())
     assert len(metrics["heads"]) == heads.num_heads
 
