@@ -258,7 +258,7 @@ def lookup(token_ids: Sequence[int], length: int, max_ngram: int = 3) -> tuple[l
 
     Runs once per step on the host: candidate starts are the earlier positions of the last token
     (one C-level scan), and only those are compared further."""
-    seq = list(token_ids)
+    seq = token_ids if isinstance(token_ids, list) else list(token_ids)  # no copy per step
     last = seq[-1] if seq else None
     ends = [i for i, t in enumerate(seq[:-1]) if t == last]  # earlier occurrences of the last token
     for n in range(min(max_ngram, len(seq) - 1), 0, -1):

@@ -47,10 +47,6 @@ class DynamicTree:
             raise InvalidTreeError(f"a dynamic tree needs nodes >= 2 and top_k >= 1; got {self}")
 
     @property
-    def name(self) -> str:
-        return f"dynamic:{self.nodes}:{self.top_k}:{self.beam}"
-
-    @property
     def num_nodes(self) -> int:
         return self.nodes
 

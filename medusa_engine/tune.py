@@ -224,11 +224,16 @@ def calibration_prompts(tokenizer, limit: int | None = None) -> list[list[int]]:
     return out
 
 
+# (hidden_E at t, text, t): one calibration position (`calibration_positions`)
+Position = tuple[torch.Tensor, list[int], int]
+
+
 def calibration_positions(
     engine: MedusaGenerator, prompts: Sequence[Sequence[int]], new_tokens: int
-) -> Iterator[tuple[torch.Tensor, list[int], int]]:
-    """(hidden_E at t, text, t) for each position t of the calibration continuations that has
-    K + 1 true tokens after it (the root at t + 1, then one per head).
+) -> Iterator[Position]:
+    """Each position t of the calibration continuations that has K + 1 true tokens after it (the
+    root at t + 1, then one per head). Tuning reads them twice (static ranks, dynamic trees):
+    collect them once with `list(...)`.
 
     The "true" continuation is the base model's own greedy output, as the engine would emit.
     """
@@ -247,14 +252,11 @@ def calibration_positions(
 
 
 @torch.inference_mode()
-def head_ranks(
-    engine: MedusaGenerator, prompts: Sequence[Sequence[int]], new_tokens: int, top_k: int
-) -> torch.Tensor:
+def head_ranks(engine: MedusaGenerator, positions: Sequence[Position], top_k: int) -> torch.Tensor:
     """rank_TK: rank of the true token t + k + 2 in head k's top-k at position t (top_k if absent)."""
-    ranks = []
-    for hidden_E, seq, t in calibration_positions(engine, prompts, new_tokens):
-        assert engine.drafter is not None
-        k_heads = engine.drafter.num_heads
+    assert engine.drafter is not None
+    k_heads, ranks = engine.drafter.num_heads, []
+    for hidden_E, seq, t in positions:
         path_K = seq[t + 1 : t + 1 + k_heads]  # the root, then the true tokens
         top_KR = engine.drafter.path_topk(hidden_E, path_K, seq[: t + 1], top_k)
         truth_K = torch.tensor(seq[t + 2 : t + 2 + k_heads], device=top_KR.device)
@@ -267,15 +269,14 @@ def head_ranks(
 
 @torch.inference_mode()
 def dynamic_taus(
-    engine: MedusaGenerator, prompts: Sequence[Sequence[int]], new_tokens: int,
-    sizes: Sequence[int],
-) -> dict[int, float]:  # fmt: skip
+    engine: MedusaGenerator, positions: Sequence[Position], sizes: Sequence[int]
+) -> dict[int, float]:
     """Expected τ of `dynamic:n` trees: 1 + mean depth of the deepest node whose path is the
     true continuation, over the calibration positions."""
     assert engine.drafter is not None
     specs = {n: DynamicTree(n).for_heads(engine.drafter.num_heads) for n in sizes}
     accepted, count = dict.fromkeys(sizes, 0), 0
-    for hidden_E, seq, t in calibration_positions(engine, prompts, new_tokens):
+    for hidden_E, seq, t in positions:
         root = torch.tensor(seq[t + 1], device=hidden_E.device)
         for n, spec in specs.items():
             tokens_N, tree = engine.drafter.draft_dynamic(hidden_E, root, spec, seq[: t + 1])
@@ -375,7 +376,8 @@ def tune(
     latency = measure_latency(engine, sizes, progress=progress)
     if progress:
         progress(f"estimating head acceptance on {len(prompts)} calibration prompts")
-    ranks = head_ranks(engine, prompts, new_tokens, top_k)
+    positions = list(calibration_positions(engine, prompts, new_tokens))
+    ranks = head_ranks(engine, positions, top_k)
     value = node_values(ranks, top_k)
     paths, tau, ms = choose_tree(value, latency, engine.drafter.num_heads, top_k)
     tuned = TunedTree([list(p) for p in paths], tau, ms, latency, int(ranks.shape[0]))
@@ -385,7 +387,7 @@ def tune(
     if progress:
         progress(f"timing and measuring dynamic trees of {min(dyn_sizes)}..{max(dyn_sizes)} nodes")
     dyn_latency = measure_latency(engine, dyn_sizes, progress=progress, dynamic=True)
-    dyn_tau = dynamic_taus(engine, prompts, new_tokens, dyn_sizes)
+    dyn_tau = dynamic_taus(engine, positions, dyn_sizes)
     best = max(dyn_sizes, key=lambda n: dyn_tau[n] / dyn_latency[n])
     tuned = replace(tuned, dynamic_tau=dyn_tau, dynamic_latency_ms=dyn_latency)
     if dyn_tau[best] / dyn_latency[best] > tau / ms:

@@ -107,10 +107,11 @@ def test_dynamic_tau_counts_the_true_path(stories260k, prompt_ids):
     ref = plain.generate(ids, 24).token_ids
     oracle = OracleDrafter(ref, len(ids), 3, stories260k.vocab_size)
     engine = MedusaGenerator(stories260k, oracle, "plain")
-    assert tune.dynamic_taus(engine, [ids], 24, [4, 8]) == {4: 4.0, 8: 4.0}
+    positions = list(tune.calibration_positions(engine, [ids], 24))
+    assert tune.dynamic_taus(engine, positions, [4, 8]) == {4: 4.0, 8: 4.0}
     adversary = OracleDrafter(ref, len(ids), 3, stories260k.vocab_size, adversarial=True)
     engine = MedusaGenerator(stories260k, adversary, "plain")
-    assert tune.dynamic_taus(engine, [ids], 24, [4, 8]) == {4: 1.0, 8: 1.0}
+    assert tune.dynamic_taus(engine, positions, [4, 8]) == {4: 1.0, 8: 1.0}
 
 
 def test_auto_tree_is_cached(engine, tmp_path, monkeypatch):
