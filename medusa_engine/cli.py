@@ -51,7 +51,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         "--tree",
         default="default",
         help="tree preset name, a JSON file of paths, 'auto' (tuned for this machine), "
-        "'dynamic:N[:TOPK[:BEAM]]' (N nodes shaped each step by the heads' confidence, as in "
+        "'dynamic:N[:TOPK[:BEAM[:DEPTH]]]' (N nodes shaped each step by the heads' confidence, as in "
         f"EAGLE-2), or 'default': the heads' own tree.json if they have one, else {DEFAULT_TREE}",
     )
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])

@@ -31,8 +31,15 @@ class HeadsConfig:
     kind: str = "medusa"  # "medusa" (independent heads) or "recurrent" (see recurrent_heads.py)
     ffn_size: int = 0  # recurrent: width of the transition MLP
     draft_vocab: int = 0  # recurrent: tokens the heads score (0 = the whole vocabulary)
+    # Per-depth temperatures that calibrate the heads' probabilities where a dynamic tree ranks
+    # its nodes by them (fit on held-out data by train-heads; () = 1; deeper depths use the last)
+    confidence_temperature: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
+        temps = tuple(float(t) for t in self.confidence_temperature)
+        object.__setattr__(self, "confidence_temperature", temps)  # JSON gives a list
+        if any(not t > 0 for t in temps):
+            raise ValueError(f"confidence_temperature must be positive, got {list(temps)}")
         for name in ("num_heads", "num_layers", "hidden_size", "vocab_size"):
             if getattr(self, name) < (0 if name == "num_layers" else 1):
                 raise ValueError(f"HeadsConfig.{name} must be positive, got {getattr(self, name)}")
@@ -43,6 +50,11 @@ class HeadsConfig:
                 raise ValueError("recurrent heads need ffn_size >= 1 and the shared LM head")
             if not 0 <= self.draft_vocab <= self.vocab_size:
                 raise ValueError(f"draft_vocab must be in [0, vocab_size], got {self.draft_vocab}")
+
+    def temperature(self, depth: int) -> float:
+        """The confidence temperature of draft depth `depth` (1-based)."""
+        temps = self.confidence_temperature
+        return temps[min(depth, len(temps)) - 1] if temps else 1.0
 
 
 HEAD_KINDS = ("medusa", "recurrent")

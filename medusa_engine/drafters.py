@@ -30,12 +30,17 @@ from medusa_engine.candidates import fill_tree
 from medusa_engine.dynamic_tree import DynamicTree, grow
 from medusa_engine.heads import AnyHeads, MedusaHeads
 from medusa_engine.hf_adapter import HFModel
-from medusa_engine.recurrent_heads import RecurrentHeads
+from medusa_engine.recurrent_heads import MAX_UNROLL, RecurrentHeads
 from medusa_engine.tree import TreeBuffers
 
 
 class Drafter(Protocol):
-    num_heads: int
+    num_heads: int  # depths the drafter was trained for (static trees go this deep)
+
+    @property
+    def max_depth(self) -> int:
+        """How deep a dynamic tree may grow (>= num_heads)."""
+        ...
 
     def draft(
         self,
@@ -68,6 +73,11 @@ class LogitsDrafter:
     """Base of drafters whose logits do not depend on the tree's tokens; define `logits`."""
 
     num_heads: int
+    temperature_K: torch.Tensor | None = None  # confidence temperature per head (None: 1)
+
+    @property
+    def max_depth(self) -> int:
+        return self.num_heads  # one head per depth
 
     def logits(self, hidden_E: torch.Tensor, token_ids: Sequence[int]) -> torch.Tensor:
         """logits_KV for the K tokens after the base model's next token."""
@@ -90,7 +100,10 @@ class LogitsDrafter:
         spec: DynamicTree,
         token_ids: Sequence[int],
     ) -> tuple[torch.Tensor, TreeBuffers]:
-        logp_KV = torch.log_softmax(self.logits(hidden_E, token_ids).float(), dim=-1)
+        logits_KV = self.logits(hidden_E, token_ids).float()
+        if self.temperature_K is not None:
+            logits_KV = logits_KV / self.temperature_K[:, None]
+        logp_KV = torch.log_softmax(logits_KV, dim=-1)
         depth = iter(range(spec.depth))
 
         def expand(rows_B: torch.Tensor, tokens_B: torch.Tensor) -> torch.Tensor:
@@ -112,6 +125,9 @@ class HeadsDrafter(LogitsDrafter):
         self.heads = heads.to(device=model.device, dtype=model.dtype).eval()
         self.lm_head = model.lm_head
         self.num_heads = heads.num_heads
+        if heads.config.confidence_temperature:
+            temps = [heads.config.temperature(d) for d in range(1, self.num_heads + 1)]
+            self.temperature_K = torch.tensor(temps, device=model.device)
 
     @torch.inference_mode()
     def logits(self, hidden_E: torch.Tensor, token_ids: Sequence[int]) -> torch.Tensor:
@@ -166,6 +182,10 @@ class RecurrentDrafter:
         self.lm_ME = model.lm_head.weight.detach()[self.vocab_M].contiguous()
         self._plan_of: tuple[TreeBuffers, list[_DepthPlan]] | None = None
 
+    @property
+    def max_depth(self) -> int:
+        return MAX_UNROLL * self.num_heads  # one transition serves every depth
+
     def _plan(self, tree: TreeBuffers) -> list[_DepthPlan]:
         """The depth plans of `tree` (kept for the latest tree: it changes rarely)."""
         if self._plan_of is None or self._plan_of[0] is not tree:
@@ -200,12 +220,15 @@ class RecurrentDrafter:
         spec: DynamicTree,
         token_ids: Sequence[int],
     ) -> tuple[torch.Tensor, TreeBuffers]:
-        states_BE = hidden_E[None]
+        states_BE, depth = hidden_E[None], 0
+        temperature = self.heads.config.temperature
 
         def expand(rows_B: torch.Tensor, tokens_B: torch.Tensor) -> torch.Tensor:
-            nonlocal states_BE
+            nonlocal states_BE, depth
+            depth += 1
             states_BE = self.heads.step(states_BE[rows_B], self.embed(tokens_B))
-            return torch.log_softmax(self.heads.logits(states_BE, self.lm_ME).float(), dim=-1)
+            logits_BM = self.heads.logits(states_BE, self.lm_ME).float()
+            return torch.log_softmax(logits_BM / temperature(depth), dim=-1)
 
         return grow(spec, root, expand, self.vocab_M)
 

@@ -35,7 +35,7 @@ DEPTH_PENALTY = 1e-3  # breaks a child's tie with its parent (a log-probability 
 class DynamicTree:
     """`nodes` (root included) chosen per step; `beam` nodes expanded per depth into `top_k`
     children (0: nodes / 4, within 2..top_k), `depth` levels deep (0 until `for_heads` sets it to
-    the drafter's heads)."""
+    the drafter's trained depths; recurrent heads may go deeper, `MAX_UNROLL`)."""
 
     nodes: int
     top_k: int = 10
@@ -54,11 +54,17 @@ class DynamicTree:
     def max_depth(self) -> int:
         return self.depth
 
-    def for_heads(self, num_heads: int) -> DynamicTree:
-        """This spec grown by `num_heads` heads (all of them unless `depth` says fewer)."""
-        depth = min(self.depth or num_heads, num_heads)
+    def for_heads(self, num_heads: int, max_depth: int = 0) -> DynamicTree:
+        """This spec for a drafter of `num_heads` trained depths that drafts up to `max_depth`
+        (default `num_heads`) deep: `depth` levels, or `num_heads` when unset."""
+        max_depth = max(max_depth, num_heads)
+        depth = self.depth or num_heads
         if depth < 1:
             raise InvalidTreeError("a dynamic tree needs heads")
+        if depth > max_depth:
+            raise InvalidTreeError(
+                f"a dynamic tree {depth} deep: these heads draft at most {max_depth} deep"
+            )
         beam = self.beam or min(max(2, self.nodes // 4), self.top_k)
         level = grown = self.top_k  # candidates at depth 1, and over all depths
         for _ in range(depth - 1):
@@ -74,13 +80,14 @@ class DynamicTree:
 
 
 def parse_dynamic(spec: str) -> DynamicTree | None:
-    """`dynamic:N`, `dynamic:N:TOPK` or `dynamic:N:TOPK:BEAM` -> DynamicTree; None for other names."""
+    """`dynamic:N[:TOPK[:BEAM[:DEPTH]]]` -> DynamicTree (BEAM or DEPTH 0 keeps the default);
+    None for other names."""
     if not spec.startswith("dynamic:"):
         return None
     parts = spec.split(":")[1:]
-    if not 1 <= len(parts) <= 3 or not all(p.isdigit() for p in parts):
+    if not 1 <= len(parts) <= 4 or not all(p.isdigit() for p in parts):
         raise InvalidTreeError(
-            f"dynamic tree {spec!r}: use dynamic:NODES or dynamic:NODES:TOPK:BEAM"
+            f"dynamic tree {spec!r}: use dynamic:NODES[:TOPK[:BEAM[:DEPTH]]] (BEAM, DEPTH 0: default)"
         )
     return DynamicTree(*(int(p) for p in parts))
 

@@ -114,7 +114,8 @@ class MedusaGenerator:
         if isinstance(tree, DynamicTree):
             if self.static:
                 raise ValueError("static (CUDA-graph) steps need a static tree, not a dynamic one")
-            self.tree = tree.for_heads(num_heads)
+            max_depth = self.drafter.max_depth if self.drafter is not None else 0
+            self.tree = tree.for_heads(num_heads, max_depth)
             return
         if not isinstance(tree, TreeBuffers):
             tree = build_tree([tuple(p) for p in tree], num_heads)

@@ -44,7 +44,7 @@ import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -566,7 +566,10 @@ def _run_recurrent(model, train_ex, eval_ex, cfg, ckpt, args, acc, on_step) -> A
     eval_pos = features.select(torch.arange(len(train_ex), len(examples)))
     result = tr.train_recurrent(model, features, train_pos, cfg, ckpt, args.resume, acc, on_step)
     metrics = tr.evaluate_recurrent(model, result.heads, features, eval_pos)
-    return result, metrics
+    calibration = tr.fit_confidence_temperatures(model, result.heads, features, eval_pos)
+    temps = tuple(row["temperature"] for row in calibration)
+    result.heads.config = replace(result.heads.config, confidence_temperature=temps)
+    return result, {**metrics, "calibration": calibration}
 
 
 def run(args: Any) -> int:
@@ -637,6 +640,10 @@ def run(args: Any) -> int:
         print(
             f"head {h['head']}: top-1 {h['top1']:.3f}  top-5 {h['top5']:.3f}  ({h['tokens']} tokens)"
         )  # noqa: E501
+    for c in metrics.get("calibration", []):
+        print(f"depth {c['depth']}: confidence temperature {c['temperature']:.3f}  top-1 "
+              f"{c['top1']:.3f}  mean top-1 probability {c['confidence']:.3f} -> "
+              f"{c['calibrated_confidence']:.3f}")  # fmt: skip
     print(json.dumps({k: v for k, v in summary.items() if k not in ("config", "command")}))
     return 0
 

@@ -4,10 +4,12 @@ keeps greedy output identical to plain greedy decoding."""
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import pytest
 import torch
 
+from medusa_engine.drafters import RecurrentDrafter
 from medusa_engine.dynamic_tree import DynamicTree, grow, parse_dynamic, tree_from_parents
 from medusa_engine.generate import MedusaGenerator
 from medusa_engine.tree import InvalidTreeError, tree_from_name
@@ -63,9 +65,13 @@ def test_grow_keeps_the_most_likely_paths():
 def test_dynamic_specs_are_checked():
     assert parse_dynamic("cpu_16") is None
     assert parse_dynamic("dynamic:24:8:4") == DynamicTree(24, 8, 4)
+    assert parse_dynamic("dynamic:64:16:0:6") == DynamicTree(64, 16, 0, 6)
+    assert DynamicTree(64, 16, 0, 6).for_heads(4, max_depth=8) == DynamicTree(64, 16, 16, 6)
+    with pytest.raises(InvalidTreeError, match="at most 4 deep"):
+        DynamicTree(64, 16, 0, 6).for_heads(4)  # Medusa heads: one per depth
     assert DynamicTree(24).for_heads(4) == DynamicTree(24, 10, 6, 4)  # beam nodes / 4
     assert DynamicTree(64).for_heads(3).beam == 10  # at most top_k
-    for bad in ("dynamic:", "dynamic:x", "dynamic:1", "dynamic:8:0"):
+    for bad in ("dynamic:", "dynamic:x", "dynamic:1", "dynamic:8:0", "dynamic:8:2:2:2:2"):
         with pytest.raises(InvalidTreeError):
             parse_dynamic(bad)
     with pytest.raises(InvalidTreeError, match="candidates"):
@@ -84,6 +90,35 @@ def test_dynamic_tree_keeps_greedy_output(stories260k, prompt_ids, kind, lookup)
     engine = MedusaGenerator(stories260k, heads, "dynamic:12:4:3", lookup=lookup)
     for ids in prompt_ids[:3]:
         assert engine.generate(ids, 48).token_ids == plain.generate(ids, 48).token_ids
+
+
+def test_recurrent_heads_unroll_deeper_than_trained(stories260k, prompt_ids):
+    heads = random_recurrent(stories260k, num_heads=2, seed=2)
+    plain = MedusaGenerator(stories260k, None, "plain")
+    engine = MedusaGenerator(stories260k, heads, "dynamic:12:4:3:4")  # 2 trained depths, 4 deep
+    assert engine.tree.max_depth == 4
+    for ids in prompt_ids[:2]:
+        assert engine.generate(ids, 40).token_ids == plain.generate(ids, 40).token_ids
+    with pytest.raises(InvalidTreeError, match="at most 4 deep"):
+        engine.set_tree("dynamic:12:4:3:5")
+    with pytest.raises(InvalidTreeError, match="at most 2 deep"):
+        MedusaGenerator(stories260k, random_heads(stories260k, num_heads=2), "dynamic:12:4:3:3")
+
+
+def test_confidence_temperatures_shape_the_tree_per_depth(stories260k):
+    """A sharp depth 1 and a flat depth 2 put one node at depth 1; the reverse spreads depth 1."""
+    heads = random_recurrent(stories260k, num_heads=2, seed=2)
+    drafter = RecurrentDrafter(heads, stories260k)
+    spec = DynamicTree(8, top_k=10, beam=2).for_heads(2)
+    hidden, root = torch.randn(stories260k.hidden_size), torch.tensor(5)
+
+    def depth_counts(temps: tuple[float, ...]) -> list[int]:
+        drafter.heads.config = replace(heads.config, confidence_temperature=temps)
+        _, tree = drafter.draft_dynamic(hidden, root, spec, [1, 5])
+        return [int((tree.depth_N == d).sum()) for d in (1, 2)]
+
+    assert depth_counts((0.01, 1000.0)) == [1, 6]
+    assert depth_counts((1000.0, 0.01))[1] <= 2  # at most the beam's best child each
 
 
 def test_dynamic_tree_follows_a_confident_drafter(stories260k, prompt_ids):

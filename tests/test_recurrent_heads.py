@@ -11,6 +11,7 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
+import torch.nn.functional as F
 
 from medusa_engine import train_heads as th
 from medusa_engine import train_recurrent as tr
@@ -142,6 +143,30 @@ def test_training_lowers_loss_and_changes_only_the_heads(stories260k, examples):
     assert len(metrics["heads"]) == 3 and metrics["heads"][0]["top1"] > 0.1
 
 
+def test_confidence_temperatures_minimise_the_held_out_nll(stories260k, examples):
+    feats = tr.compute_features(stories260k, examples, max_depth=2)
+    pos = feats.select(torch.arange(len(examples)))
+    heads = random_recurrent(stories260k, num_heads=2, draft_vocab=stories260k.vocab_size)
+    heads.set_draft_vocab(torch.arange(stories260k.vocab_size))
+    rows = tr.fit_confidence_temperatures(stories260k, heads, feats, pos)
+    assert [r["depth"] for r in rows] == [1, 2, 3, 4]  # beyond the trained depths: MAX_UNROLL
+    # Depth 1, recomputed here: the NLL of the base model's choice is lowest at the fitted T.
+    p_B = pos[:4096]
+    state = heads.step(feats.hidden_TE[p_B].float(), stories260k.model.get_input_embeddings()(
+        feats.tokens_T[p_B + 1]).float())  # fmt: skip
+    z_BV = heads.logits(state, stories260k.lm_head.weight.float()).detach()
+    target = feats.argmax_T[p_B + 1]
+
+    def nll(t: float) -> float:
+        return float(F.cross_entropy(z_BV / t, target))
+
+    t = rows[0]["temperature"]
+    assert nll(t) < min(nll(t * 1.1), nll(t / 1.1), nll(1.0) + 1e-6)
+    assert rows[0]["positions"] == len(p_B)
+    with pytest.raises(ValueError, match="positive"):
+        HeadsConfig(2, 1, 8, 16, kind="recurrent", ffn_size=4, confidence_temperature=(1.0, 0.0))
+
+
 def test_resume_reaches_the_uninterrupted_weights(stories260k, examples, tmp_path):
     feats = tr.compute_features(stories260k, examples, max_depth=3)
     pos = feats.select(torch.arange(len(examples)))
@@ -179,6 +204,8 @@ def test_cli_trains_recurrent_heads_with_a_feature_cache(examples, tmp_path, cap
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 2 and len(metrics["heads"]) == 2
     assert 0 < metrics["draft_vocab_coverage"] <= 1
+    temps = [c["temperature"] for c in metrics["calibration"]]  # fit down to MAX_UNROLL * 2
+    assert len(temps) == 4 and heads.config.confidence_temperature == tuple(temps)
     stamp = cache.stat().st_mtime_ns
     # Reuses the cache; bf16 weights (half the file) load into the same heads.
     assert th.main([*argv, "--out", str(tmp_path / "heads2"), "--save-dtype", "bf16"]) == 0
