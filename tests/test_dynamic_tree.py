@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from medusa_engine.drafters import RecurrentDrafter
+from medusa_engine.drafters import make_drafter
 from medusa_engine.dynamic_tree import DynamicTree, grow, parse_dynamic, tree_from_parents
 from medusa_engine.generate import MedusaGenerator
 from medusa_engine.tree import InvalidTreeError, tree_from_name
@@ -105,15 +105,20 @@ def test_recurrent_heads_unroll_deeper_than_trained(stories260k, prompt_ids):
         MedusaGenerator(stories260k, random_heads(stories260k, num_heads=2), "dynamic:12:4:3:3")
 
 
-def test_confidence_temperatures_shape_the_tree_per_depth(stories260k):
+@pytest.mark.parametrize("kind", ["recurrent", "medusa"])
+def test_confidence_temperatures_shape_the_tree_per_depth(stories260k, kind):
     """A sharp depth 1 and a flat depth 2 put one node at depth 1; the reverse spreads depth 1."""
-    heads = random_recurrent(stories260k, num_heads=2, seed=2)
-    drafter = RecurrentDrafter(heads, stories260k)
+    heads = (
+        random_recurrent(stories260k, num_heads=2, seed=2)
+        if kind == "recurrent"
+        else random_heads(stories260k, num_heads=2)
+    )
     spec = DynamicTree(8, top_k=10, beam=2).for_heads(2)
     hidden, root = torch.randn(stories260k.hidden_size), torch.tensor(5)
 
     def depth_counts(temps: tuple[float, ...]) -> list[int]:
-        drafter.heads.config = replace(heads.config, confidence_temperature=temps)
+        heads.config = replace(heads.config, confidence_temperature=temps)
+        drafter = make_drafter(heads, stories260k)
         _, tree = drafter.draft_dynamic(hidden, root, spec, [1, 5])
         return [int((tree.depth_N == d).sum()) for d in (1, 2)]
 
