@@ -126,7 +126,8 @@ def measure_latency(
 
     Each size keeps the fastest of `repeats` runs: other load on the machine only ever adds time.
     So a size that measured slower than a larger one was disturbed: it is timed again with
-    `2 * repeats` more runs (up to twice) before the curve is made non-decreasing (verifying more
+    `2 * repeats` more runs (in passes, until no size is slower than the next) before the curve
+    is made non-decreasing (verifying more
     nodes never costs less, and `choose_tree`'s optimality argument needs that). Without the
     re-timing, one disturbed size would raise every larger size with it and flatten the curve's
     slope there, so the tuner would see nodes as cheaper than they are.
@@ -180,8 +181,10 @@ def latency_curve(
     measured = {size: fastest_ms(size, repeats) for size in sizes}
     for size in sizes:
         report(size, measured[size], False)
-    for _ in range(2):
+    for _ in range(len(sizes)):  # a faster re-timing can expose the size below it: repeat
         disturbed = [a for a, b in zip(sizes, sizes[1:]) if measured[a] > measured[b]]
+        if not disturbed:
+            break
         for size in disturbed:
             measured[size] = min(measured[size], fastest_ms(size, 2 * repeats))
             report(size, measured[size], True)

@@ -61,6 +61,20 @@ def test_a_disturbed_size_is_timed_again_before_the_curve_is_made_monotone():
     assert steady == {1: 5.0, 4: 9.0, 8: 9.0}  # still slower after timing again: clamped
 
 
+def test_re_timing_follows_a_cascade_of_disturbed_sizes():
+    """Re-timing 12 nodes exposes 8 as disturbed, and that exposes 4 (as in a real tuning run)."""
+    true_ms = {1: 10.0, 4: 14.0, 8: 18.0, 12: 22.0, 16: 26.0}
+    first = {1: 10.0, 4: 19.0, 8: 23.0, 12: 29.0, 16: 26.0}
+    seen: set[int] = set()
+
+    def fastest_ms(size: int, runs: int) -> float:
+        again = size in seen
+        seen.add(size)
+        return true_ms[size] if again else first[size]
+
+    assert tune.latency_curve(list(true_ms), fastest_ms, repeats=5) == true_ms
+
+
 def test_interpolation_is_linear_between_measured_sizes():
     latency = {1: 10.0, 5: 14.0, 9: 30.0}
     assert tune.interpolate(latency, 3) == pytest.approx(12.0)
