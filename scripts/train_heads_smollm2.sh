@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
 # Medusa heads for SmolLM2-135M-Instruct (the embedded default model), Medusa-2 style:
 #   1. self-distillation: the model's own greedy answers to the 1,000 Alpaca instructions in
-#      data/train/ (chat template, up to 256 new tokens), plus one answer each sampled at
-#      temperature 0.7 (seed 1). Both are committed in data/train/self_distill/ (135,333 +
-#      131,878 answer tokens; 1,214 s + 1,377 s in batches of 32 on the 2-core CPU, 2026-11-26),
-#      so this script does not regenerate them;
+#      data/train/ (chat template, up to 256 new tokens), plus two answers each sampled at
+#      temperature 0.7 (seeds 1 and 2). All are committed in data/train/self_distill/ (135,333 +
+#      131,878 + 133,554 answer tokens; 1,214 s + 1,377 s + 3,273 s (low priority) in batches of
+#      32 on the 2-core CPU, 2026-11-26), so this script does not regenerate them;
 #   2. features: the frozen model runs once over those answers and over the Alpaca reference
 #      answers (prompts of held-out examples excluded); last hidden states + its own next-token
 #      choices are cached in runs/smollm2-heads/features.safetensors;
 #   3. training: recurrent heads (medusa_engine/recurrent_heads.py: one transition MLP, 2048 wide,
 #      over the shared frozen embedding and LM head, 16,384-token draft vocabulary), 4 depths,
-#      λ = 0.8, feature-regression weight 1, 3 epochs of 256-position batches; the last 5% of
-#      the greedy answers (50 prompts) are held out for top-1/top-5 (their prompts' sampled and
-#      reference answers are left out of training);
+#      λ = 0.8, feature-regression weight 1, 2 epochs of 256-position batches; the last 5% of
+#      the greedy answers (50 prompts) are held out for top-1/top-5 and to fit the per-depth
+#      confidence temperatures (their prompts' sampled and reference answers are left out of
+#      training);
 #      checkpoints every 200 steps (re-running this script resumes from runs/smollm2-heads/);
 #   4. output: medusa_engine/assets/heads/smollm2-135m-instruct/{config.json,heads.safetensors,
 #      metrics.json}; `medusa-engine chat` / `generate` (default model) then pick the heads up.
@@ -26,7 +27,8 @@
 #   3 epochs on the greedy answers only: held-out top-1 0.297 / 0.156 / 0.105 / 0.101, τ 1.48,
 #   1.11x on 8 MT-Bench prompts. Recurrent heads replaced them; see the heads' README.md.
 #   Session 2 recurrent heads (greedy + reference answers only, 8,192 draft vocabulary): held-out
-#   top-1 0.514 / 0.428 / 0.409 / 0.413.
+#   top-1 0.514 / 0.428 / 0.409 / 0.413. Session 4 (+ one sampled pass, 16,384 vocabulary,
+#   3 epochs): 0.552 / 0.447 / 0.429 / 0.420.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -45,13 +47,14 @@ else
   RUN=(--distill-max-new-tokens 256 --distill-batch-size 32
        --distill-cache data/train/self_distill/smollm2-135m-instruct-alpaca_data_cleaned_1000
        --checkpoint runs/smollm2-heads/train_state.pt --checkpoint-every 200
-       --batch-size 256 --epochs 3 --max-length 512 --with-reference-answers)
+       --batch-size 256 --epochs 2 --max-length 512 --with-reference-answers)
 fi
 
 # shellcheck disable=SC2086
 $LAUNCH medusa_engine.train_heads \
   --model smollm2-135m-instruct --dtype bf16 \
-  --data "$DATA" --self-distill --distill-temperature 0 --extra-distill-temperature 0.7 \
+  --data "$DATA" --self-distill --distill-temperature 0 \
+  --extra-distill-temperature 0.7 --extra-distill-temperature 0.7 \
   --out "$OUT" --resume \
   --kind recurrent --num-heads 4 --ffn-size 2048 --draft-vocab 16384 --feature-weight 1.0 \
   --decay 0.8 --lr 1e-3 --warmup-steps 100 --precision fp32 --seed 0 --save-dtype bf16 \
