@@ -20,7 +20,7 @@ context. The regression term (EAGLE's feature loss) asks s_d to be the base mode
 which is what the next transition reads. Targets outside the draft vocabulary are skipped in the
 CE (and count as misses in the accuracies).
 
-Calibration. Trained heads are over-confident on new text (the bundled SmolLM2 heads: mean top-1
+Calibration. Trained heads are over-confident on new text (session-4 SmolLM2 heads: mean top-1
 probability 0.58 at depth 1 vs 0.48 accuracy on the calibration prompts, worse deeper), and a
 dynamic tree ranks its nodes by those probabilities. `fit_confidence_temperatures` fits one
 temperature per depth on the held-out positions (minimum NLL of the base model's choice: a proper
