@@ -127,8 +127,8 @@ def measure_latency(
     Each size keeps the fastest of `repeats` runs: other load on the machine only ever adds time.
     So a size that measured slower than a larger one was disturbed: it is timed again with
     `2 * repeats` more runs (in passes, until no size is slower than the next) before the curve
-    is made non-decreasing (verifying more
-    nodes never costs less, and `choose_tree`'s optimality argument needs that). Without the
+    is made non-decreasing (verifying more nodes never costs less, and `choose_tree`'s
+    optimality argument needs that). Without the
     re-timing, one disturbed size would raise every larger size with it and flatten the curve's
     slope there, so the tuner would see nodes as cheaper than they are.
     """
