@@ -14,7 +14,12 @@ Causal prefill: Q = K (8k) with SDPA's flash backend as the baseline, in TFLOP/s
 The tree is static, so its mask is prepared once outside the timed region for every backend (a
 bool [Q, K] mask for SDPA, a block mask for flex, bits for Triton), as an engine would. Timing:
 warm-up, then CUDA events around each call, the L2 cache flushed before each (so the cache is
-read from HBM), median reported. Each call is timed twice: launched from Python (`us`), and
+read from HBM), median reported. Two flushes, each timed (`--flush`): `write` zeroes a 256 MiB
+buffer (triton's `do_bench` way), which leaves the L2 full of dirty lines that the timed call must
+write back to HBM as it evicts them (~50 MB on an H100, a fixed cost of its own); `read` sums that
+buffer, which leaves clean lines, as a decode step does (its GEMMs read weights just before the
+attention). `python -m eval.bench_step --profile triton --prefix 4096` measures the kernels inside
+the 7B step itself, with no flush at all. Each call is timed twice: launched from Python (`us`), and
 replayed from a CUDA graph captured around it (`graph us`, the figure the bandwidth columns use),
 which is how the engine's static step runs it: at 4k keys a call is short enough (tens of
 microseconds) that Python's launch overhead, not the GPU, sets the eager time. Each backend's
@@ -30,7 +35,7 @@ import json
 import math
 import statistics
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -40,16 +45,31 @@ from attention.masks import full_mask_QK, tree_bitmask_QW
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def cuda_time(fn: Callable[[], object], warmup: int, iters: int, flush_l2: bool) -> float:
-    """Median seconds of fn() by CUDA events; L2 flushed before each timed call if asked."""
-    scratch = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda") if flush_l2 else None
+FLUSHES = ("write", "read", "none")
+
+
+def l2_flush(mode: str) -> Callable[[], object]:
+    """What runs before each timed call: `write` zeroes a 256 MiB buffer (L2 left dirty), `read`
+    sums it (L2 left clean), `none` does nothing (L2 warm with the previous call's data)."""
+    if mode == "none":
+        return lambda: None
+    scratch = torch.ones(256 * 2**20, dtype=torch.uint8, device="cuda")
+    if mode == "write":
+        return scratch.zero_
+    if mode == "read":
+        return lambda: scratch.max()
+    raise ValueError(f"unknown flush {mode!r}; expected one of {FLUSHES}")
+
+
+def cuda_time(fn: Callable[[], object], warmup: int, iters: int, flush: str) -> float:
+    """Median seconds of fn() by CUDA events, `l2_flush(flush)` before each timed call."""
+    before = l2_flush(flush)
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
     events = []
     for _ in range(iters):
-        if scratch is not None:
-            scratch.zero_()
+        before()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
@@ -181,14 +201,20 @@ def run_case(
     kv_bytes = 2 * k.numel() * k.element_size()
     flops = 4 * args.heads * q_len * kv_len * args.head_dim / (2 if causal else 1)
     rows = []
+    first, *others = args.flush
     for name, fn in fns.items():
-        row: dict = {"case": case, "backend": name, "q": q_len, "k": kv_len}
+        row: dict = {"case": case, "backend": name, "q": q_len, "k": kv_len, "flush": first}
         try:
-            eager_s = cuda_time(fn, args.warmup, args.iters, not args.no_flush_l2)
+            eager_s = cuda_time(fn, args.warmup, args.iters, first)
             out = fn()
             try:
-                seconds = cuda_time(graph_of(fn), args.warmup, args.iters, not args.no_flush_l2)
+                replay = graph_of(fn)
+                seconds = cuda_time(replay, args.warmup, args.iters, first)
                 row["graph_us"] = seconds * 1e6
+                for flush in others:  # the same graph, another L2 state before each replay
+                    other_s = cuda_time(replay, args.warmup, args.iters, flush)
+                    row[f"graph_us_{flush}_flush"] = other_s * 1e6
+                    row[f"kv_tb_s_{flush}_flush"] = kv_bytes / other_s / 1e12
             except Exception as exc:  # noqa: BLE001 - a backend that cannot be captured
                 row["graph_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
                 seconds = eager_s
@@ -218,10 +244,15 @@ def environment(dtype_name: str) -> dict:
     }
 
 
-def format_table(rows: list[dict]) -> str:
+def format_table(rows: list[dict], flushes: Sequence[str]) -> str:
+    """One line per (case, backend); `us` / `graph us` / `KV TB/s` under the first flush, then
+    the graph's KV TB/s under each other flush."""
+    first, *others = flushes
     head = (
         f"{'case':<8} {'backend':<18} {'Q':>5} {'K':>6} {'us':>9} {'graph us':>9} "
         f"{'KV TB/s':>8} {'TFLOP/s':>8} {'diff':>8}"
+        + "".join(f" {f'TB/s {f}':>10}" for f in others)
+        + f"   (flush before each call: {first})"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
@@ -232,8 +263,19 @@ def format_table(rows: list[dict]) -> str:
             f"{r['case']:<8} {r['backend']:<18} {r['q']:>5} {r['k']:>6} {r['us']:>9.1f} "
             f"{r.get('graph_us', float('nan')):>9.1f} "
             f"{r['kv_tb_s']:>8.3f} {r['tflop_s']:>8.1f} {r['max_diff_vs_baseline']:>8.1e}"
+            + "".join(f" {r.get(f'kv_tb_s_{f}_flush', float('nan')):>10.3f}" for f in others)
         )
     return "\n".join(lines)
+
+
+def flushes(text: str) -> list[str]:
+    modes = [m for m in text.split(",") if m]
+    for mode in modes:
+        if mode not in FLUSHES:
+            raise argparse.ArgumentTypeError(f"unknown flush {mode!r}; expected {FLUSHES}")
+    if not modes:
+        raise argparse.ArgumentTypeError("give at least one flush")
+    return modes
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -251,7 +293,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--iters", type=int, default=50)
-    p.add_argument("--no-flush-l2", action="store_true", help="time with a warm L2 cache")
+    p.add_argument(
+        "--flush",
+        type=flushes,
+        default=["write", "read"],
+        help="comma list of L2 flushes before each timed call (write, read, none); the first "
+        "sets the main columns, each other adds a bandwidth column (graph replays)",
+    )
     p.add_argument("--sweep", action="store_true", help="also time Triton tile/split variants")
     return p.parse_args(argv)
 
@@ -269,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         rows += run_case("prefill", args.prefill_len, args.prefill_len, args, dtype)
     env = environment(args.dtype)
     print(" ".join(f"{k}={v}" for k, v in env.items()))
-    print(format_table(rows))
+    print(format_table(rows, args.flush))
     print(json.dumps({"bench": "attention", **env, "args": vars(args), "rows": rows}))
     return 0
 

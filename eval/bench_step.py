@@ -63,10 +63,10 @@ def _timed(fn: Callable[[], object], device: torch.device, repeats: int) -> floa
     return statistics.median(times)
 
 
-def _random_model(preset: str, dtype: torch.dtype, device: torch.device):
+def _random_model(preset: str, dtype: torch.dtype, device: torch.device, context: int = 4096):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(**PRESETS[preset], max_position_embeddings=4096)
+    config = LlamaConfig(**PRESETS[preset], max_position_embeddings=max(4096, context))
     torch.manual_seed(0)
     with torch.device(device):
         model: Any = LlamaForCausalLM(config)
@@ -123,6 +123,16 @@ def bench_engine(model_hf, attention: str, sizes: Sequence[int], prefix: int, re
         out[size] = _timed(step, model_hf.device, repeats)
 
 
+ATTENTION_KERNELS = ("_split_kv_kernel", "_combine_kernel")  # the triton backend's two kernels
+
+
+def kv_read_bytes(config, kv_len: int, dtype: torch.dtype) -> int:
+    """Bytes of K and V that one step's attention reads: every layer, every kv head, kv_len keys."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    per_key = 2 * config.num_key_value_heads * head_dim * torch.finfo(dtype).bits // 8
+    return config.num_hidden_layers * kv_len * per_key
+
+
 def profile_engine(model_hf, attention: str, sizes: Sequence[int], prefix: int) -> None:
     """Print where the GPU time of one eager engine step goes, per kernel, for each tree size
     (the kernels are those the captured graph replays; eager launch gaps are not counted)."""
@@ -140,6 +150,14 @@ def profile_engine(model_hf, attention: str, sizes: Sequence[int], prefix: int) 
         print(f"--- engine-{attention}, {size} nodes: {total / 1000:.2f} ms of kernels per step")
         for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:14]:
             print(f"{e.self_device_time_total / 3000:8.3f} ms {e.count // 3:5d}x  {e.key[:100]}")
+        attention_us = sum(
+            e.self_device_time_total for e in kernels if e.key in ATTENTION_KERNELS
+        ) / 3  # fmt: skip
+        if attention_us:
+            kv_bytes = kv_read_bytes(model_hf.config, prefix + size, model_hf.dtype)
+            print(f"attention kernels ({' + '.join(ATTENTION_KERNELS)}): {attention_us:.1f} us per "
+                  f"step = {kv_bytes / attention_us / 1e6:.3f} TB/s of K/V read "
+                  f"({kv_bytes / 1e6:.1f} MB over {prefix + size} keys, all layers)")  # fmt: skip
 
 
 def bench_engine_graph(model_hf, attention: str, sizes: Sequence[int], prefix: int,
@@ -211,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     hf_logging.set_verbosity_error()
     device = torch.device(args.device)
     sizes = [int(s) for s in args.sizes.split(",")]
-    model_hf = _random_model(args.preset, DTYPES[args.dtype], device)
+    model_hf = _random_model(args.preset, DTYPES[args.dtype], device, args.prefix + max(sizes) + 8)
     if args.profile:
         profile_engine(model_hf, args.profile, sizes, args.prefix)
         return 0

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The GPU session's one prepared script: `gpu`-marked tests, then the benchmarks, each with its
 # own time limit, every log under $OUT (default ./runs/gpu). Usage: scripts/gpu_checks.sh [PARTS]
-# where PARTS is a comma list of: env, tests, triton, attention, gemm, profile, step, hfstatic, dit
-# (default: all).
+# where PARTS is a comma list of: env, tests, triton, attention, insitu, gemm, profile, step,
+# hfstatic, dit (default: all; about 12 minutes at most, so a 10-minute call takes a subset).
+# Issue 5's open figure (tree verification at a 4k cache) needs: env,triton,attention,insitu.
 set -u
 OUT=${OUT:-runs/gpu}
 mkdir -p "$OUT"
-PARTS=${1:-env,tests,triton,attention,gemm,profile,step,hfstatic,dit}
+PARTS=${1:-env,tests,triton,attention,insitu,gemm,profile,step,hfstatic,dit}
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 PY=${PY:-python3}
 
@@ -30,7 +31,12 @@ part tests && run tests 80 $PY -m pytest -m gpu -q -p no:cacheprovider \
 # The kernel tests (not marked gpu: they run on CUDA when it is there, else under the interpreter).
 part triton && run triton 90 $PY -m pytest -q -p no:cacheprovider tests/test_attention_triton.py \
   tests/test_rmsnorm.py
-part attention && run attention 150 $PY -m eval.bench_attention --sweep
+part attention && run attention 150 $PY -m eval.bench_attention --sweep --flush write,read,none
+# The same kernels inside the 7B verify step (per-kernel GPU time, no artificial L2 flush).
+part insitu && run insitu_4k 90 $PY -m eval.bench_step --preset 7b --sizes 1,64 --prefix 4096 \
+  --profile triton
+part insitu && run insitu_16k 90 $PY -m eval.bench_step --preset 7b --sizes 1,64 --prefix 16384 \
+  --profile triton
 part gemm && run gemm 60 $PY -m eval.bench_gemm
 part profile && run profile 120 $PY -m eval.bench_step --preset 7b --sizes 1,64 --profile triton
 # Two processes: a failed CUDA-graph capture poisons the context for whatever runs after it.
