@@ -43,7 +43,7 @@ def main() -> int:
                 for w, x in zip(ws, xs):
                     torch.nn.functional.linear(x, w)
 
-            seconds = cuda_time(graph_of(fn), 5, 30, True)
+            seconds = cuda_time(graph_of(fn), 5, 30, "write")
             nbytes = sum(w.numel() * 2 for w in ws)
             rows.append({"m": m, "layer": name, "us": seconds * 1e6,
                          "tb_s": nbytes / seconds / 1e12})  # fmt: skip
