@@ -143,19 +143,19 @@ def cmd_tune_tree(args: argparse.Namespace) -> int:
     engine = load_engine(args)
     if engine.drafter is None:
         raise CLIError("tune-tree needs heads: pass --heads DIR (or a model with bundled heads)")
-    tuned, value = tune(engine, progress=_progress, new_tokens=args.calibration_tokens)
+    tuned, calibration = tune(engine, progress=_progress, new_tokens=args.calibration_tokens)
     print(f"{'tree':<16}{'nodes':>6}{'pred. tau':>10}{'step ms':>9}{'tau/ms':>9}")
     auto_nodes = tuned.dynamic_nodes or len(tuned.paths) + 1
     rows = {"auto": (auto_nodes, tuned.predicted_tau, tuned.step_ms)}
     if tuned.dynamic_nodes:
         rows["best static"] = (
             len(tuned.paths) + 1,
-            *score_tree(tuned.paths, value, tuned.latency_ms),
+            *score_tree(tuned.paths, calibration, tuned.latency_ms),
         )
     for name in TREE_PRESETS:
         tree = tree_from_name(name, engine.drafter.num_heads)
         paths = [p for p in TREE_PRESETS[name] if len(p) <= tree.num_heads]
-        rows[name] = (len(paths) + 1, *score_tree(paths, value, tuned.latency_ms))
+        rows[name] = (len(paths) + 1, *score_tree(paths, calibration, tuned.latency_ms))
     for n, tau in tuned.dynamic_tau.items():
         rows[f"dynamic:{n}"] = (n, tau, tuned.dynamic_latency_ms[n])
     for name, (nodes, tau, ms) in rows.items():

@@ -1,4 +1,4 @@
-"""Choose the tree for the hardware: maximise expected τ per unit of step latency.
+"""Choose the tree for the hardware: maximise τ per unit of step latency.
 
 Shape legend: T = calibration positions, K = heads, R = top-k ranks considered.
 
@@ -10,21 +10,23 @@ Shape legend: T = calibration positions, K = heads, R = top-k ranks considered.
    one teacher-forced forward gives the last hidden state at every position t, and each head's
    top-R there (recurrent heads read the true tokens before depth k: `Drafter.path_topk`).
    `rank_TK[t, k]` = rank of the true token t + k + 2 in head k's top-R (R if absent).
-   A node with path (r_0, ..., r_d) is accepted at t exactly when rank_TK[t, :d+1] == path, so its
-   value (probability of acceptance) is the empirical frequency of that rank prefix: the joint
-   frequency, not Medusa's product of per-head marginals.
-3. **Tree.** Expected τ of a tree = 1 + Σ over nodes of value(node). A child's value never exceeds
-   its parent's, so best-first expansion (as in Medusa's and Sequoia's searches) yields, for every
-   n, the n-node tree of maximal expected τ; we keep the n maximising τ(n) / latency(n + 1).
-
-Presets scored on the same measurements (`score_tree`) can only do as well or worse.
-
-4. **Dynamic trees** (`dynamic:N`, `dynamic_tree.py`): their expected τ is not a sum of fixed
-   node values, so it is measured directly: at each calibration position the drafter grows its
-   N-node tree from the true root, and the deepest node whose path equals the true continuation
-   is what verification would accept. Their latency curve is timed like the static one (their
-   drafting costs more). The dynamic size with the best τ / latency replaces the static tree when
-   its ratio is higher.
+   A node with path (r_0, ..., r_d) is accepted at t exactly when rank_TK[t, :d+1] == path, so a
+   tree accepts a(t) = the length of the longest rank prefix of row t among its paths.
+3. **τ along the engine's path** (`walk_tau`). Generation does not visit every position: a step
+   at t emits a(t) + 1 tokens and the next one starts at t + a(t) + 1. Walking each calibration
+   text that way gives the τ the engine would see on it (for greedy decoding, exactly: tested);
+   the mean of 1 + a(t) over all positions over-weights the easy stretches a long accept skips.
+4. **Tree.** A node's value (`node_values`) is the frequency of its rank prefix: the joint
+   frequency, not Medusa's product of per-head marginals. A child's value never exceeds its
+   parent's, so best-first expansion (as in Medusa's and Sequoia's searches) yields, for every n,
+   the n-node tree that accepts the most tokens per position. Those trees and the presets are
+   scored by their walk τ, and the one with the best τ(n) / latency(n + 1) is kept: presets
+   scored on the same measurements (`score_tree`) can only do as well or worse.
+5. **Dynamic trees** (`dynamic:N`, `dynamic_tree.py`): at each calibration position the drafter
+   grows its N-node tree from the true root, and the deepest node whose path equals the true
+   continuation is a(t); then the same walk. Their latency curve is timed like the static one
+   (their drafting costs more). The dynamic size with the best τ / latency replaces the static
+   tree when its ratio is higher.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -48,6 +51,7 @@ from medusa_engine.generate import MedusaGenerator
 from medusa_engine.hf_adapter import HFModel
 from medusa_engine.models import ASSETS, cache_dir
 from medusa_engine.tree import TreeBuffers, build_tree
+from medusa_engine.trees import TREE_PRESETS
 
 log = logging.getLogger(__name__)
 
@@ -61,13 +65,13 @@ class TunedTree:
     """A tuned tree and the measurements it was chosen from (saved as JSON)."""
 
     paths: list[list[int]]  # the best static tree
-    predicted_tau: float  # of the chosen tree (static, or dynamic when dynamic_nodes > 0)
+    predicted_tau: float  # walk τ of the chosen tree (static, or dynamic when dynamic_nodes > 0)
     step_ms: float
     latency_ms: dict[int, float]  # tree nodes (incl. root) -> measured step latency
     calibration_positions: int
     key: str = ""
     dynamic_nodes: int = 0  # > 0: `dynamic:<dynamic_nodes>` won
-    dynamic_tau: dict[int, float] = field(default_factory=dict)  # nodes -> measured expected τ
+    dynamic_tau: dict[int, float] = field(default_factory=dict)  # nodes -> walk τ
     dynamic_latency_ms: dict[int, float] = field(default_factory=dict)
 
     @property
@@ -270,15 +274,45 @@ def head_ranks(engine: MedusaGenerator, positions: Sequence[Position], top_k: in
     return torch.stack(ranks)
 
 
+def prompt_segments(positions: Sequence[Position]) -> list[tuple[int, int]]:
+    """[lo, hi) index ranges of `positions` that belong to one prompt (consecutive t)."""
+    segments: list[tuple[int, int]] = []
+    for i, (_, seq, _) in enumerate(positions):
+        if i == 0 or seq is not positions[i - 1][1]:
+            segments.append((i, i))
+        segments[-1] = (segments[-1][0], i + 1)
+    return segments
+
+
+def walk_tau(accepted_T: Sequence[int], segments: Sequence[tuple[int, int]]) -> float:
+    """τ along the engine's own path: from each prompt's first position, a step at t accepts
+    a(t) tokens and emits a(t) + 1, and the next step starts at t + a(t) + 1.
+
+    This, not the mean of 1 + a(t) over all positions, is what generation sees: a long accept
+    skips the positions after it, so the plain mean over-weights the easy stretches (with the
+    bundled heads it read 2.89 where the walk reads 2.77 for `dynamic:64`).
+    """
+    tokens = steps = 0
+    for lo, hi in segments:
+        i = lo
+        while i < hi:
+            tokens += accepted_T[i] + 1
+            steps += 1
+            i += accepted_T[i] + 1
+    if not steps:
+        raise ValueError("calibration produced no positions: give longer continuations")
+    return tokens / steps
+
+
 @torch.inference_mode()
 def dynamic_taus(
     engine: MedusaGenerator, positions: Sequence[Position], sizes: Sequence[int]
 ) -> dict[int, float]:
-    """Expected τ of `dynamic:n` trees: 1 + mean depth of the deepest node whose path is the
-    true continuation, over the calibration positions."""
+    """τ of `dynamic:n` trees along the engine's path (`walk_tau`); a(t) = depth of the deepest
+    node whose path is the true continuation."""
     assert engine.drafter is not None
     specs = {n: DynamicTree(n).for_heads(engine.drafter.num_heads) for n in sizes}
-    accepted, count = dict.fromkeys(sizes, 0), 0
+    accepted: dict[int, list[int]] = {n: [] for n in sizes}
     for hidden_E, seq, t in positions:
         root = torch.tensor(seq[t + 1], device=hidden_E.device)
         for n, spec in specs.items():
@@ -286,11 +320,9 @@ def dynamic_taus(
             candidates_NL = path_tokens(tokens_N, tree)
             truth_L = torch.tensor(seq[t + 1 : t + 1 + candidates_NL.shape[1]], device=root.device)
             match_NL = (candidates_NL[:, 1:] == truth_L[1:]).to(torch.int64).cumprod(dim=1)
-            accepted[n] += int(match_NL.sum(dim=1).max())
-        count += 1
-    if not count:
-        raise ValueError("calibration produced no positions: give longer continuations")
-    return {n: 1.0 + accepted[n] / count for n in sizes}
+            accepted[n].append(int(match_NL.sum(dim=1).max()))
+    segments = prompt_segments(positions)
+    return {n: walk_tau(accepted[n], segments) for n in sizes}
 
 
 def node_values(rank_TK: torch.Tensor, top_k: int) -> Callable[[TreePath], float]:
@@ -304,6 +336,46 @@ def node_values(rank_TK: torch.Tensor, top_k: int) -> Callable[[TreePath], float
         for d in range(len(row)):
             counts[tuple(row[: d + 1])] += 1
     return lambda path: 0.0 if max(path) >= top_k else counts.get(tuple(path), 0) / total
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The heads' ranks of the true tokens at the calibration positions (`head_ranks`), and
+    which positions belong to which prompt: what static trees are chosen and scored from."""
+
+    rank_TK: torch.Tensor
+    segments: list[tuple[int, int]]
+    top_k: int
+
+    @cached_property
+    def value(self) -> Callable[[TreePath], float]:
+        """Each node's probability of acceptance at a random position (`node_values`)."""
+        return node_values(self.rank_TK, self.top_k)
+
+    def join_TK(self, ranked: Sequence[TreePath]) -> torch.Tensor:
+        """join_TK[t, d]: the smallest n for which the tree of the first n paths of `ranked` (a
+        list in which parents come first) accepts d + 1 tokens at position t (never: len + 1)."""
+        join = {path: n for n, path in enumerate(ranked, start=1)}
+        never = len(ranked) + 1
+        rows = self.rank_TK.tolist()
+        join_TK = torch.tensor([[join.get(tuple(row[: d + 1]), never) for d in range(len(row))]
+                                for row in rows], dtype=torch.int64)  # fmt: skip
+        return join_TK.reshape(self.rank_TK.shape).cummax(dim=1).values
+
+    def taus(self, ranked: Sequence[TreePath]) -> list[float]:
+        """`walk_tau` of the tree of the first n paths of `ranked`, for n = 1 .. len(ranked)."""
+        join_TK = self.join_TK(ranked)
+        return [
+            walk_tau((join_TK <= n).sum(dim=1).tolist(), self.segments)
+            for n in range(1, len(ranked) + 1)
+        ]
+
+    def tau(self, paths: Sequence[Sequence[int]]) -> float:
+        """`walk_tau` of the tree of `paths`. Nodes of rank >= top_k were never observed: they
+        count as never accepted (but still cost their latency in `score_tree`)."""
+        seen = sorted({tuple(p) for p in paths if max(p) < self.top_k}, key=len)  # parents first
+        accepted_T = (self.join_TK(seen) <= len(seen)).sum(dim=1).tolist()
+        return walk_tau(accepted_T, self.segments)
 
 
 # ---- 3. tree --------------------------------------------------------------------------------------
@@ -336,26 +408,30 @@ def best_first(
 
 
 def score_tree(
-    paths: Sequence[Sequence[int]], value: Callable[[TreePath], float], latency: dict[int, float]
+    paths: Sequence[Sequence[int]], calibration: Calibration, latency: dict[int, float]
 ) -> tuple[float, float]:
-    """(expected τ, predicted step ms) of a tree under the same measurements."""
-    tau = 1.0 + sum(value(tuple(p)) for p in paths)
-    return tau, interpolate(latency, len(paths) + 1)
+    """(τ along the engine's path, predicted step ms) of a tree under the same measurements."""
+    return calibration.tau(paths), interpolate(latency, len(paths) + 1)
 
 
 def choose_tree(
-    value: Callable[[TreePath], float], latency: dict[int, float], num_heads: int, top_k: int
+    calibration: Calibration,
+    latency: dict[int, float],
+    num_heads: int,
+    others: Sequence[Sequence[Sequence[int]]] = (),
 ) -> tuple[list[TreePath], float, float]:
-    """The best-first prefix maximising τ / latency: (paths, τ, step ms)."""
-    max_nodes = max(latency)
-    ranked = best_first(value, num_heads, top_k, max_nodes)
+    """The tree maximising τ / latency: (paths, τ, step ms). Candidates: every prefix of the
+    best-first list (the n-node tree of most accepted tokens per position, for each n), and
+    `others` (e.g. the presets), all scored by `walk_tau` on the same measurements."""
+    ranked = [p for p, _ in best_first(calibration.value, num_heads, calibration.top_k,
+                                       max(latency))]  # fmt: skip
+    candidates = [(ranked[:n], tau) for n, tau in enumerate(calibration.taus(ranked), start=1)]
+    candidates += [([tuple(p) for p in paths], calibration.tau(paths)) for paths in others]
     best: tuple[list[TreePath], float, float] = ([], 1.0, latency[min(latency)])
-    tau = 1.0
-    for n, (_, v) in enumerate(ranked, start=1):
-        tau += v
-        ms = interpolate(latency, n + 1)
+    for paths, tau in candidates:
+        ms = interpolate(latency, len(paths) + 1)
         if tau / ms > best[1] / best[2]:
-            best = ([p for p, _ in ranked[:n]], tau, ms)
+            best = (paths, tau, ms)
     return best
 
 
@@ -368,11 +444,12 @@ def tune(
     sizes: Sequence[int] = LATENCY_SIZES,
     progress: Callable[[str], None] | None = None,
     dynamic: bool = True,
-) -> tuple[TunedTree, Callable[[TreePath], float]]:
+) -> tuple[TunedTree, Calibration]:
     """Measure, estimate and choose (`dynamic`: dynamic trees compete too); returns the tuned
-    tree and the value function of the static candidates."""
+    tree and the calibration that scores static trees (`score_tree`)."""
     if engine.drafter is None:
         raise ValueError("tuning a tree needs heads (--heads)")
+    num_heads = engine.drafter.num_heads
     prompts = prompts if prompts is not None else calibration_prompts(engine.model.tokenizer)
     if progress:
         progress(f"measuring step latency for trees of {min(sizes)}..{max(sizes)} nodes")
@@ -380,13 +457,14 @@ def tune(
     if progress:
         progress(f"estimating head acceptance on {len(prompts)} calibration prompts")
     positions = list(calibration_positions(engine, prompts, new_tokens))
-    ranks = head_ranks(engine, positions, top_k)
-    value = node_values(ranks, top_k)
-    paths, tau, ms = choose_tree(value, latency, engine.drafter.num_heads, top_k)
-    tuned = TunedTree([list(p) for p in paths], tau, ms, latency, int(ranks.shape[0]))
+    calibration = Calibration(head_ranks(engine, positions, top_k), prompt_segments(positions),
+                              top_k)  # fmt: skip
+    presets = [[p for p in paths if len(p) <= num_heads] for paths in TREE_PRESETS.values()]
+    paths, tau, ms = choose_tree(calibration, latency, num_heads, [p for p in presets if p])
+    tuned = TunedTree([list(p) for p in paths], tau, ms, latency, len(positions))
     dyn_sizes = [n for n in sizes if n >= DYNAMIC_MIN_NODES]
     if not dynamic or not dyn_sizes:
-        return tuned, value
+        return tuned, calibration
     if progress:
         progress(f"timing and measuring dynamic trees of {min(dyn_sizes)}..{max(dyn_sizes)} nodes")
     dyn_latency = measure_latency(engine, dyn_sizes, progress=progress, dynamic=True)
@@ -396,7 +474,7 @@ def tune(
     if dyn_tau[best] / dyn_latency[best] > tau / ms:
         tuned = replace(tuned, dynamic_nodes=best, predicted_tau=dyn_tau[best],
                         step_ms=dyn_latency[best])  # fmt: skip
-    return tuned, value
+    return tuned, calibration
 
 
 def cache_key(model: HFModel, heads_dir: Path | None) -> str:

@@ -1,4 +1,5 @@
-"""Tree tuning: joint acceptance values, best-first optimality, and the cached `--tree auto`."""
+"""Tree tuning: joint acceptance values, best-first optimality, τ along the engine's path (the
+walk), and the cached `--tree auto`."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from medusa_engine import tune
 from medusa_engine.generate import MedusaGenerator
 from medusa_engine.tree import build_tree
 from medusa_engine.trees import TREE_PRESETS
-from tests.helpers import random_heads
+from tests.helpers import OracleDrafter, random_heads
 
 
 def test_node_values_are_joint_rank_prefix_frequencies():
@@ -35,14 +36,44 @@ def test_best_first_prefixes_are_the_best_trees_of_each_size():
     for n in range(1, len(ranked) + 1):
         paths = [p for p, _ in ranked[:n]]
         build_tree(paths, num_heads=3, top_k=4)  # every prefix is a valid tree
-    # No other tree of the same size has a larger expected tau: check against all presets' sizes.
-    latency = {1: 10.0, 8: 11.0, 16: 12.0, 32: 15.0}
+    # No other tree of the same size accepts more per position: check against all presets.
     for name, preset in TREE_PRESETS.items():
         paths = [p for p in preset if len(p) <= 3 and max(p) < 4]
         if not paths or len(paths) >= len(ranked):
             continue
         best_tau = 1 + sum(values[: len(paths)])
-        assert tune.score_tree(paths, value, latency)[0] <= best_tau + 1e-12, name
+        assert 1 + sum(value(tuple(p)) for p in paths) <= best_tau + 1e-12, name
+
+
+def test_walk_tau_follows_the_steps_generation_takes():
+    # Positions 0..5 of one text: a step at t accepts a(t) and the next starts at t + a(t) + 1.
+    accepted = [3, 0, 0, 0, 1, 0]  # steps at t = 0 (emits 4), t = 4 (emits 2): tau 3
+    assert tune.walk_tau(accepted, [(0, 6)]) == pytest.approx(3.0)
+    assert 1 + sum(accepted) / len(accepted) == pytest.approx(5 / 3)  # not the position mean
+    # Two texts are walked separately: text 1 steps at t = 0 (emits 2), which runs past its end;
+    # text 2 at t = 2 (emits 3) and t = 5 (emits 1). Position 3's a = 3 is skipped.
+    assert tune.walk_tau([1, 0, 2, 3, 0, 0], [(0, 2), (2, 6)]) == pytest.approx((2 + 3 + 1) / 3)
+
+
+def test_calibration_tau_is_the_walk_over_each_trees_longest_accepted_prefix():
+    gen = torch.Generator().manual_seed(1)
+    rank_TK = torch.randint(0, 4, (300, 3), generator=gen)  # top_k = 3: rank 3 = absent
+    segments = [(0, 120), (120, 300)]
+    calibration = tune.Calibration(rank_TK, segments, top_k=3)
+    ranked = [p for p, _ in tune.best_first(calibration.value, num_heads=3, top_k=3, max_nodes=20)]
+    taus = calibration.taus(ranked)
+    for n in (1, 5, 19):
+        tree = set(ranked[:n])
+        accepted = []  # recomputed independently: longest rank prefix of each row in the tree
+        for row in rank_TK.tolist():
+            d = 0
+            while d < 3 and tuple(row[: d + 1]) in tree:
+                d += 1
+            accepted.append(d)
+        assert taus[n - 1] == pytest.approx(tune.walk_tau(accepted, segments))
+        assert calibration.tau(ranked[:n]) == pytest.approx(taus[n - 1])
+    assert calibration.tau([]) == 1.0
+    assert calibration.tau([(3,), (3, 0)]) == 1.0  # ranks never observed are never accepted
 
 
 def test_a_disturbed_size_is_timed_again_before_the_curve_is_made_monotone():
@@ -89,7 +120,7 @@ def engine(stories260k):
 
 def test_tuned_tree_beats_every_preset_on_the_same_measurements(engine):
     prompts = tune.calibration_prompts(engine.model.tokenizer, limit=None)[:6]
-    tuned, value = tune.tune(engine, prompts=prompts, new_tokens=24, sizes=(1, 4, 16, 64))
+    tuned, calibration = tune.tune(engine, prompts=prompts, new_tokens=24, sizes=(1, 4, 16, 64))
     tree = build_tree([tuple(p) for p in tuned.paths], num_heads=4)
     assert tree.num_nodes == len(tuned.paths) + 1
     assert list(tuned.latency_ms) == [1, 4, 16, 64]
@@ -98,12 +129,12 @@ def test_tuned_tree_beats_every_preset_on_the_same_measurements(engine):
     )
     ratio = tuned.predicted_tau / tuned.step_ms
     for name, preset in TREE_PRESETS.items():
-        tau, ms = tune.score_tree([p for p in preset if len(p) <= 4], value, tuned.latency_ms)
+        tau, ms = tune.score_tree([p for p in preset if len(p) <= 4], calibration, tuned.latency_ms)
         assert ratio >= tau / ms - 1e-12, (name, ratio, tau / ms)
     # Dynamic trees competed on their own measurements; the winner is what `tree` hands over.
     assert list(tuned.dynamic_tau) == list(tuned.dynamic_latency_ms) == [4, 16, 64]
     assert all(1.0 <= tau <= 5.0 for tau in tuned.dynamic_tau.values())
-    static_tau, static_ms = tune.score_tree(tuned.paths, value, tuned.latency_ms)
+    static_tau, static_ms = tune.score_tree(tuned.paths, calibration, tuned.latency_ms)
     dyn_best = max(tau / tuned.dynamic_latency_ms[n] for n, tau in tuned.dynamic_tau.items())
     assert ratio == pytest.approx(max(static_tau / static_ms, dyn_best))
     if tuned.dynamic_nodes:
@@ -114,8 +145,6 @@ def test_tuned_tree_beats_every_preset_on_the_same_measurements(engine):
 
 def test_dynamic_tau_counts_the_true_path(stories260k, prompt_ids):
     """An oracle drafter's dynamic tree always holds the true continuation: τ = K + 1."""
-    from tests.helpers import OracleDrafter
-
     ids = prompt_ids[0]
     plain = MedusaGenerator(stories260k, None, "plain")
     ref = plain.generate(ids, 24).token_ids
@@ -126,6 +155,47 @@ def test_dynamic_tau_counts_the_true_path(stories260k, prompt_ids):
     adversary = OracleDrafter(ref, len(ids), 3, stories260k.vocab_size, adversarial=True)
     engine = MedusaGenerator(stories260k, adversary, "plain")
     assert tune.dynamic_taus(engine, positions, [4, 8]) == {4: 1.0, 8: 1.0}
+
+
+class PartialOracle(OracleDrafter):
+    """An oracle whose first `CORRECT[done % 8]` heads are right and the others never are: what
+    a step accepts depends on where it starts."""
+
+    CORRECT = (3, 0, 1, 3, 2, 0, 3, 1)
+
+    def logits(self, hidden_E: torch.Tensor, token_ids) -> torch.Tensor:
+        logits_KV = super().logits(hidden_E, token_ids)
+        done = len(token_ids) - self.prompt_len
+        for k in range(self.CORRECT[done % 8], self.num_heads):
+            if done + 1 + k < len(self.ref):
+                logits_KV[k, self.ref[done + 1 + k]] = float("-inf")
+        return logits_KV
+
+
+@pytest.mark.parametrize("tree", ["dynamic:8", "chain_3"])
+def test_walk_tau_is_the_tau_the_engine_reaches(stories260k, prompt_ids, tree):
+    """Greedy fp32: generation takes exactly the steps the walk predicts, so over the positions
+    calibration covers, the engine's τ is the tuner's τ (the plain position mean is not)."""
+    ids, new = prompt_ids[0], 40
+    ref = MedusaGenerator(stories260k, None, "plain").generate(ids, new).token_ids
+    drafter = PartialOracle(ref, len(ids), 3, stories260k.vocab_size)
+    engine = MedusaGenerator(stories260k, drafter, tree)
+    positions = list(tune.calibration_positions(engine, [ids], new))
+    if tree.startswith("dynamic"):
+        predicted = tune.dynamic_taus(engine, positions, [8])[8]
+    else:
+        ranks = tune.head_ranks(engine, positions, top_k=10)
+        calibration = tune.Calibration(ranks, tune.prompt_segments(positions), top_k=10)
+        predicted = calibration.tau(TREE_PRESETS[tree])
+    emitted = engine.generate(ids, new + 8).accepted_lengths
+    last_t = positions[-1][2]
+    starts = [len(ids) - 1 + sum(emitted[:s]) for s in range(len(emitted))]
+    covered = [length for t, length in zip(starts, emitted) if t <= last_t]
+    assert len(set(covered)) > 1  # the steps differ, so the walk's path matters
+    assert predicted == pytest.approx(sum(covered) / len(covered), abs=1e-12)
+    position_mean = 1 + sum(min(PartialOracle.CORRECT[(t + 1 - len(ids)) % 8], 3)
+                            for _, _, t in positions) / len(positions)  # fmt: skip
+    assert abs(position_mean - predicted) > 0.05
 
 
 def test_auto_tree_is_cached(engine, tmp_path, monkeypatch):
