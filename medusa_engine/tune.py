@@ -24,9 +24,9 @@ Shape legend: T = calibration positions, K = heads, R = top-k ranks considered.
    scored on the same measurements (`score_tree`) can only do as well or worse.
 5. **Dynamic trees** (`dynamic:N`, `dynamic_tree.py`): at each calibration position the drafter
    grows its N-node tree from the true root, and the deepest node whose path equals the true
-   continuation is a(t); then the same walk. Their latency curve is timed like the static one
-   (their drafting costs more). The dynamic size with the best τ / latency replaces the static
-   tree when its ratio is higher.
+   continuation is a(t); then the same walk. Their step is timed in alternation with the static
+   tree of the same size (their drafting costs more). The dynamic size with the best τ / latency
+   replaces the static tree when its ratio is higher.
 """
 
 from __future__ import annotations
@@ -123,23 +123,22 @@ def measure_latency(
     cache_len: int = 256,
     repeats: int = 5,
     progress: Callable[[str], None] | None = None,
-    dynamic: bool = False,
-) -> dict[int, float]:
-    """Wall time (ms) of one engine step for trees of each size over a `cache_len` cache
-    (`dynamic`: `dynamic:<size>` trees, whose drafting costs more).
+    dynamic_sizes: Sequence[int] = (),
+) -> tuple[dict[int, float], dict[int, float]]:
+    """Wall time (ms) of one engine step over a `cache_len` cache: (static trees of each of
+    `sizes`, `dynamic:<n>` trees of each of `dynamic_sizes`, whose drafting costs more).
 
     Each size keeps the fastest of `repeats` runs: other load on the machine only ever adds time.
-    So a size that measured slower than a larger one was disturbed: it is timed again with
-    `2 * repeats` more runs (in passes, until no size is slower than the next) before the curve
-    is made non-decreasing (verifying more nodes never costs less, and `choose_tree`'s
-    optimality argument needs that). Without the
-    re-timing, one disturbed size would raise every larger size with it and flatten the curve's
-    slope there, so the tuner would see nodes as cheaper than they are.
+    The two kinds of a size are timed in alternation, one run of each in turn, so that the
+    machine's speed drifting during tuning (we saw a whole curve move by 10 % between two series)
+    weighs on both alike. A size that measured slower than a larger one of its kind was disturbed:
+    it is timed again (`latency_curve`) before the curve is made non-decreasing.
     """
     model = engine.model
     heads = engine.drafter.num_heads if engine.drafter is not None else 0
     sizes = [s for s in sizes if s == 1 or heads > 0]
-    cache_len = min(cache_len, model.max_context - max(sizes) - 8)
+    dynamic_sizes = [s for s in dynamic_sizes if heads > 0]
+    cache_len = min(cache_len, model.max_context - max([*sizes, *dynamic_sizes]) - 8)
     prompt = torch.randint(
         3, model.vocab_size, (cache_len,), generator=torch.Generator().manual_seed(0)
     )
@@ -148,28 +147,51 @@ def measure_latency(
     saved, saved_branch = engine.tree, engine.lookup_branch
     engine.lookup_branch = None  # the drafter's tree alone: a lookup branch comes only with a match
 
-    def fastest_ms(size: int, runs: int) -> float:
-        engine.set_tree(DynamicTree(size) if dynamic else synthetic_tree(size, max(heads, 1)))
-        times = []
+    def resolved(tree: TreeBuffers | DynamicTree) -> TreeBuffers | DynamicTree:
+        engine.set_tree(tree)  # on the device / for these heads, once (not in the timed runs)
+        return engine.tree
+
+    trees: dict[tuple[str, int], TreeBuffers | DynamicTree] = {
+        **{("static", n): resolved(synthetic_tree(n, max(heads, 1))) for n in sizes},
+        **{("dynamic", n): resolved(DynamicTree(n)) for n in dynamic_sizes},
+    }
+
+    def fastest(keys: Sequence[tuple[str, int]], runs: int) -> list[float]:
+        """Fastest of `runs` steps (after a warm-up) for each tree, the trees taking turns."""
+        times: list[list[float]] = [[] for _ in keys]
         for i in range(runs + 1):
-            start = time.perf_counter()
-            engine._step(hidden_E, root, session)
-            if model.device.type == "cuda":
-                torch.cuda.synchronize()
-            if i:  # the first run is a warm-up
-                times.append(time.perf_counter() - start)
-            model.keep(session, 0, None, cache_len)
-            del session.token_ids[cache_len:]
-        return 1000 * min(times)
+            for key, out in zip(keys, times):
+                engine.tree = trees[key]
+                start = time.perf_counter()
+                engine._step(hidden_E, root, session)
+                if model.device.type == "cuda":
+                    torch.cuda.synchronize()
+                if i:  # the first run is a warm-up
+                    out.append(time.perf_counter() - start)
+                model.keep(session, 0, None, cache_len)
+                del session.token_ids[cache_len:]
+        return [1000 * min(t) for t in times]
 
-    kind = "dynamic tree" if dynamic else "step"
+    first: dict[tuple[str, int], float] = {}
+    for n in sorted({*sizes, *dynamic_sizes}):
+        keys = [key for key in (("static", n), ("dynamic", n)) if key in trees]
+        first.update(zip(keys, fastest(keys, repeats)))
 
-    def report(size: int, ms: float, again: bool) -> None:
-        if progress:
-            progress(f"{kind} with {size:>3} nodes{', timed again' if again else ''}: {ms:.2f} ms")
+    def curve(kind: str, kind_sizes: Sequence[int]) -> dict[int, float]:
+        label = "dynamic tree" if kind == "dynamic" else "step"
+
+        def report(size: int, ms: float, again: bool) -> None:
+            if progress:
+                progress(f"{label} with {size:>3} nodes{', timed again' if again else ''}: "
+                         f"{ms:.2f} ms")  # fmt: skip
+
+        return latency_curve(
+            kind_sizes, lambda n, runs: fastest([(kind, n)], runs)[0], repeats, report,
+            first={n: first[kind, n] for n in kind_sizes},
+        )  # fmt: skip
 
     try:
-        return latency_curve(sizes, fastest_ms, repeats, report)
+        return curve("static", sizes), curve("dynamic", dynamic_sizes)
     finally:
         engine.set_tree(saved)
         engine.lookup_branch = saved_branch
@@ -180,9 +202,15 @@ def latency_curve(
     fastest_ms: Callable[[int, int], float],
     repeats: int,
     report: Callable[[int, float, bool], None] = lambda size, ms, again: None,
+    first: dict[int, float] | None = None,
 ) -> dict[int, float]:
-    """`fastest_ms(size, runs)` for each size, disturbed sizes timed again, made non-decreasing."""
-    measured = {size: fastest_ms(size, repeats) for size in sizes}
+    """`fastest_ms(size, repeats)` for each size (or `first`, when already measured), disturbed
+    sizes timed again with `2 * repeats` more runs (in passes, until no size is slower than the
+    next), then made non-decreasing: verifying more nodes never costs less, and `choose_tree`'s
+    optimality argument needs that. Without the re-timing, one disturbed size would raise every
+    larger size with it and flatten the curve's slope there, so the tuner would see nodes as
+    cheaper than they are."""
+    measured = dict(first) if first is not None else {n: fastest_ms(n, repeats) for n in sizes}
     for size in sizes:
         report(size, measured[size], False)
     for _ in range(len(sizes)):  # a faster re-timing can expose the size below it: repeat
@@ -451,9 +479,16 @@ def tune(
         raise ValueError("tuning a tree needs heads (--heads)")
     num_heads = engine.drafter.num_heads
     prompts = prompts if prompts is not None else calibration_prompts(engine.model.tokenizer)
+    # Static (CUDA-graph) steps take static trees only.
+    dyn_sizes = (
+        [n for n in sizes if n >= DYNAMIC_MIN_NODES] if dynamic and not engine.static else []
+    )
     if progress:
-        progress(f"measuring step latency for trees of {min(sizes)}..{max(sizes)} nodes")
-    latency = measure_latency(engine, sizes, progress=progress)
+        kinds = "static and dynamic trees" if dyn_sizes else "trees"
+        progress(f"measuring step latency for {kinds} of {min(sizes)}..{max(sizes)} nodes")
+    latency, dyn_latency = measure_latency(
+        engine, sizes, progress=progress, dynamic_sizes=dyn_sizes
+    )
     if progress:
         progress(f"estimating head acceptance on {len(prompts)} calibration prompts")
     positions = list(calibration_positions(engine, prompts, new_tokens))
@@ -462,12 +497,10 @@ def tune(
     presets = [[p for p in paths if len(p) <= num_heads] for paths in TREE_PRESETS.values()]
     paths, tau, ms = choose_tree(calibration, latency, num_heads, [p for p in presets if p])
     tuned = TunedTree([list(p) for p in paths], tau, ms, latency, len(positions))
-    dyn_sizes = [n for n in sizes if n >= DYNAMIC_MIN_NODES]
-    if not dynamic or not dyn_sizes:
+    if not dyn_sizes:
         return tuned, calibration
     if progress:
-        progress(f"timing and measuring dynamic trees of {min(dyn_sizes)}..{max(dyn_sizes)} nodes")
-    dyn_latency = measure_latency(engine, dyn_sizes, progress=progress, dynamic=True)
+        progress(f"measuring dynamic trees of {min(dyn_sizes)}..{max(dyn_sizes)} nodes")
     dyn_tau = dynamic_taus(engine, positions, dyn_sizes)
     best = max(dyn_sizes, key=lambda n: dyn_tau[n] / dyn_latency[n])
     tuned = replace(tuned, dynamic_tau=dyn_tau, dynamic_latency_ms=dyn_latency)

@@ -118,6 +118,27 @@ def engine(stories260k):
     return MedusaGenerator(stories260k, random_heads(stories260k), "plain")
 
 
+def test_static_and_dynamic_trees_of_a_size_are_timed_in_turns(engine, monkeypatch):
+    seen: list[str] = []
+    real_step = engine._step
+
+    def step(*args):
+        seen.append(f"{type(engine.tree).__name__}:{engine.tree.num_nodes}")
+        return real_step(*args)
+
+    monkeypatch.setattr(engine, "_step", step)
+    static, dynamic = tune.measure_latency(engine, [1, 4, 8], repeats=2, dynamic_sizes=[4, 8])
+    assert list(static) == [1, 4, 8] and list(dynamic) == [4, 8]
+    assert all(
+        a <= b
+        for curve in (static, dynamic)
+        for a, b in zip(curve.values(), list(curve.values())[1:])
+    )
+    # First pass: a warm-up + 2 runs per tree; the two kinds of a size take turns.
+    assert seen[:15] == ["TreeBuffers:1"] * 3 + ["TreeBuffers:4", "DynamicTree:4"] * 3 + [
+        "TreeBuffers:8", "DynamicTree:8"] * 3  # fmt: skip
+
+
 def test_tuned_tree_beats_every_preset_on_the_same_measurements(engine):
     prompts = tune.calibration_prompts(engine.model.tokenizer, limit=None)[:6]
     tuned, calibration = tune.tune(engine, prompts=prompts, new_tokens=24, sizes=(1, 4, 16, 64))
