@@ -78,6 +78,12 @@ def test_tree_drafting_equals_drafting_each_path(stories260k, tree_name):
             assert tokens[i] in set(drafter.vocab_M.tolist())  # only draft-vocabulary tokens
 
 
+needs_int8 = pytest.mark.skipif(
+    not int8_supported(torch.device("cpu")), reason="no quantized int8 engine on this CPU"
+)
+
+
+@needs_int8
 def test_int8_drafting_proposes_what_float_drafting_does_and_keeps_the_callers_heads(
     stories260k,
 ):
@@ -99,6 +105,17 @@ def test_int8_drafting_proposes_what_float_drafting_does_and_keeps_the_callers_h
     assert same / total >= 0.8, (same, total)
 
 
+def test_drafting_falls_back_to_float_where_int8_is_not_supported(stories260k, monkeypatch):
+    from medusa_engine import drafters
+
+    monkeypatch.setattr(drafters, "int8_supported", lambda device: False)
+    heads = random_recurrent(stories260k)
+    assert not RecurrentDrafter(heads, stories260k).int8  # the default follows the machine
+    with pytest.raises(ValueError, match="int8 drafting needs a CPU"):
+        RecurrentDrafter(heads, stories260k, int8=True)
+
+
+@needs_int8
 def test_int8_linear_matches_the_float_product():
     gen = torch.Generator().manual_seed(0)
     weight, bias = torch.randn(300, 64, generator=gen), torch.randn(300, generator=gen)
