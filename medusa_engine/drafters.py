@@ -23,7 +23,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, cast
 
 import torch
 
@@ -119,13 +119,34 @@ class LogitsDrafter:
         return torch.topk(self.logits(hidden_E, token_ids)[: len(path_D)], top_k, dim=-1).indices
 
 
-class HeadsDrafter(LogitsDrafter):
-    """Medusa heads (the shared LM head, if any, is the base model's)."""
+def use_int8(requested: bool | None, device: torch.device) -> bool:
+    """Whether a drafter runs its matrices with int8 weights: as requested, else (None) wherever
+    `int8_supported` (a CPU); asking for it where it cannot run is an error."""
+    supported = int8_supported(device)
+    if requested and not supported:
+        raise ValueError(f"int8 drafting needs a CPU with a quantized engine (model on {device}); "
+                         "pass int8=False")  # fmt: skip
+    return supported if requested is None else requested
 
-    def __init__(self, heads: MedusaHeads, model: HFModel) -> None:
+
+class HeadsDrafter(LogitsDrafter):
+    """Medusa heads (the shared LM head, if any, is the base model's).
+
+    `int8` as for `RecurrentDrafter`: the vocabulary projection (the shared LM head, or each
+    head's own) runs with int8 weights, K rows over the whole vocabulary per step."""
+
+    def __init__(self, heads: MedusaHeads, model: HFModel, int8: bool | None = None) -> None:
         heads.check_compatible(model.hidden_size, model.vocab_size, model.name)
+        self.int8 = use_int8(int8, model.device)
         self.heads = heads.to(device=model.device, dtype=model.dtype).eval()
-        self.lm_head = model.lm_head
+        self.lm_head: torch.nn.Module = model.lm_head
+        if self.int8 and heads.lm_heads is None:
+            self.lm_head = Int8Linear(model.lm_head.weight, getattr(model.lm_head, "bias", None))
+        elif self.int8 and heads.lm_heads is not None:
+            self.heads = copy.deepcopy(self.heads)  # the caller's heads stay as they were
+            self.heads.lm_heads = torch.nn.ModuleList(
+                Int8Linear(cast(torch.nn.Linear, proj).weight) for proj in heads.lm_heads
+            )
         self.num_heads = heads.num_heads
         if heads.config.confidence_temperature:
             temps = [heads.config.temperature(d) for d in range(1, self.num_heads + 1)]
@@ -182,11 +203,7 @@ class RecurrentDrafter:
 
     def __init__(self, heads: RecurrentHeads, model: HFModel, int8: bool | None = None) -> None:
         heads.check_compatible(model.hidden_size, model.vocab_size, model.name)
-        supported = int8_supported(model.device)
-        if int8 and not supported:
-            raise ValueError(f"int8 drafting needs a CPU with a quantized engine (model on "
-                             f"{model.device}); pass int8=False")  # fmt: skip
-        self.int8 = supported if int8 is None else int8
+        self.int8 = use_int8(int8, model.device)
         self.heads = heads.to(device=model.device, dtype=model.dtype).eval()
         self.num_heads = heads.num_heads
         self.embed = model.model.get_input_embeddings()

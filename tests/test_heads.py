@@ -9,7 +9,9 @@ import torch
 from safetensors.torch import save_file
 
 from medusa_engine.config import HeadsConfig
+from medusa_engine.drafters import HeadsDrafter
 from medusa_engine.heads import HeadsError, MedusaHeads
+from medusa_engine.int8_linear import Int8Linear, int8_supported
 
 E, V = 16, 40
 
@@ -112,3 +114,29 @@ def test_out_map_starts_as_the_identity_and_can_cancel_the_hidden_state(tmp_path
     loaded = MedusaHeads.load(tmp_path / "h")
     assert loaded.config.out_map
     torch.testing.assert_close(loaded.hidden(x), heads.hidden(x))
+
+
+@pytest.mark.skipif(
+    not int8_supported(torch.device("cpu")), reason="no quantized int8 engine on this CPU"
+)
+@pytest.mark.parametrize("shared", [True, False])
+def test_int8_medusa_drafting_proposes_what_float_drafting_does(stories260k, shared):
+    torch.manual_seed(0)
+    config = HeadsConfig(3, 1, stories260k.hidden_size, stories260k.vocab_size,
+                         shared_lm_head=shared)  # fmt: skip
+    heads = MedusaHeads(config)
+    heads.init_from_base(stories260k.lm_head.weight.detach())  # own heads: the base's rows
+    exact = HeadsDrafter(heads, stories260k, int8=False)
+    fast = HeadsDrafter(heads, stories260k, int8=True)
+    if not shared:  # the caller's heads keep their float projections
+        assert isinstance(heads.lm_heads[0], torch.nn.Linear)
+        assert isinstance(fast.heads.lm_heads[0], Int8Linear)
+    gen = torch.Generator().manual_seed(1)
+    same = total = 0
+    for _ in range(20):
+        hidden_E = torch.randn(stories260k.hidden_size, generator=gen)
+        a = exact.logits(hidden_E, []).topk(4, dim=-1).indices
+        b = fast.logits(hidden_E, []).topk(4, dim=-1).indices
+        same += sum(len(set(x.tolist()) & set(y.tolist())) for x, y in zip(a, b))
+        total += a.numel()
+    assert same / total >= 0.9, (same, total)  # a broken int8 path shares ~4/512 by chance
