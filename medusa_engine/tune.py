@@ -510,10 +510,12 @@ def tune(
     return tuned, calibration
 
 
-def cache_key(model: HFModel, heads_dir: Path | None) -> str:
-    """Model + heads (content) + device + dtype + threads: what the tuned tree depends on."""
+def cache_key(model: HFModel, heads_dir: Path | None, drafting: str = "") -> str:
+    """Model + heads (content) + device + dtype + threads + how the drafter computes (int8 or
+    not: its cost moves the best tree): what the tuned tree depends on."""
     h = hashlib.sha256()
     h.update(f"{model.name}|{model.device}|{model.dtype}|{torch.get_num_threads()}".encode())
+    h.update(drafting.encode())
     if heads_dir is not None:
         for f in sorted(Path(heads_dir).glob("*")):
             if f.is_file() and f.suffix in (".safetensors", ".pt", ".json"):
@@ -525,7 +527,7 @@ def auto_tree(
     engine: MedusaGenerator, heads_dir: Path | None, progress: Callable[[str], None]
 ) -> TunedTree:
     """The cached tuned tree for this model + heads + device + dtype, tuning on first use."""
-    key = cache_key(engine.model, heads_dir)
+    key = cache_key(engine.model, heads_dir, f"int8={getattr(engine.drafter, 'int8', False)}")
     path = cache_dir() / "trees" / f"{key}.json"
     if path.is_file():
         return TunedTree.load(path)
