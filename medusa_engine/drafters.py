@@ -198,7 +198,7 @@ class RecurrentDrafter:
 
     `int8` (default: wherever `int8_supported`, i.e. on a CPU) runs the transition and the draft
     LM head with int8 weights (`int8_linear.py`: ~4x less to read per depth); the caller's heads
-    are left as they are. Drafts may differ slightly; the output never does.
+    are left as they are. Drafts may differ slightly; verification still decides (`int8_linear`).
     """
 
     def __init__(self, heads: RecurrentHeads, model: HFModel, int8: bool | None = None) -> None:
