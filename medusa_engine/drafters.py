@@ -21,8 +21,9 @@ a given path (the true continuation).
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Protocol, cast
 
 import torch
@@ -208,21 +209,18 @@ class RecurrentDrafter:
         self.num_heads = heads.num_heads
         self.embed = model.model.get_input_embeddings()
         self.vocab_M = self.heads.draft_vocab_M
-        self.lm_ME = model.lm_head.weight.detach()[self.vocab_M].contiguous()
-        self._lm_int8: Int8Linear | None = None
+        lm_ME = model.lm_head.weight.detach()[self.vocab_M].contiguous()  # draft vocabulary rows
+        # states_BE -> logits_BM over the draft vocabulary
+        self._logits: Callable[[torch.Tensor], torch.Tensor]
         if self.int8:
             self.heads = copy.deepcopy(self.heads)
             for name in ("fc1", "fc2"):  # replaces the nn.Linear of that name
                 layer = getattr(heads, name)
                 self.heads.add_module(name, Int8Linear(layer.weight, layer.bias))
-            self._lm_int8 = Int8Linear(self.lm_ME)
+            self._logits = Int8Linear(lm_ME)
+        else:
+            self._logits = partial(self.heads.logits, draft_lm_ME=lm_ME)
         self._plan_of: tuple[TreeBuffers, list[_DepthPlan]] | None = None
-
-    def _logits(self, states_BE: torch.Tensor) -> torch.Tensor:
-        """logits_BM over the draft vocabulary."""
-        if self._lm_int8 is not None:
-            return self._lm_int8(states_BE)
-        return self.heads.logits(states_BE, self.lm_ME)
 
     @property
     def max_depth(self) -> int:
