@@ -31,7 +31,7 @@ part tests && run tests 80 $PY -m pytest -m gpu -q -p no:cacheprovider \
 # The kernel tests (not marked gpu: they run on CUDA when it is there, else under the interpreter).
 part triton && run triton 90 $PY -m pytest -q -p no:cacheprovider tests/test_attention_triton.py \
   tests/test_rmsnorm.py
-part attention && run attention 150 $PY -m eval.bench_attention --sweep --flush write,read,none
+part attention && run attention 200 $PY -m eval.bench_attention --sweep --flush write,read,none
 # The same kernels inside the 7B verify step (per-kernel GPU time, no artificial L2 flush).
 part insitu && run insitu_4k 90 $PY -m eval.bench_step --preset 7b --sizes 1,64 --prefix 4096 \
   --profile triton
