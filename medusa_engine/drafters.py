@@ -143,7 +143,7 @@ class HeadsDrafter(LogitsDrafter):
         self.lm_head: torch.nn.Module = model.lm_head
         if self.int8 and heads.lm_heads is None:
             self.lm_head = Int8Linear(model.lm_head.weight, getattr(model.lm_head, "bias", None))
-        elif self.int8 and heads.lm_heads is not None:
+        elif self.int8 and heads.lm_heads is not None:  # each head has its own projection
             self.heads = copy.deepcopy(self.heads)  # the caller's heads stay as they were
             self.heads.lm_heads = torch.nn.ModuleList(
                 Int8Linear(cast(torch.nn.Linear, proj).weight) for proj in heads.lm_heads

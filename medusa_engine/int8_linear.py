@@ -7,9 +7,10 @@ for SmolLM2). On a CPU that work is bound by reading the weights (and bf16 produ
 rows run far below the cores' peak: 17 GB/s with the weights in cache here). fbgemm's dynamic int8 linear (`torch.ops.quantized`: int8
 weights with one scale per output row, the activations quantised to uint8 at each call) reads a
 quarter of the bytes and runs a native kernel: on the project's 2-core CPU the draft LM head takes
-0.41 ms instead of 1.7 ms with a cold cache (16384 x 576, one row), and a `dynamic:8` step of the
-bundled heads 46 ms instead of 52 ms, at τ 2.000 instead of 2.013 (6 MT-Bench prompts, 128 tokens);
-four Medusa heads on SmolLM2 draft in 1.2 ms instead of 4.4 ms.
+0.41 ms instead of 1.7 ms with a cold cache (16384 x 576, one row), and a `dynamic:8` + lookup
+step of the bundled heads 48.1 ms instead of 53.3 ms, at τ 2.314 instead of 2.317 (SmolLM2 in bf16,
+torch 2.13 CPU, 8 MT-Bench prompts twice, 128 tokens, both in one run); four random Medusa heads on
+SmolLM2 draft in 1.2 ms instead of 4.4 ms (same run as their float twin).
 
 The drafter only proposes; verification decides. So the rounding can cost acceptance but does
 not change what the engine computes: greedy stays identical to plain greedy (tested in fp32; in
