@@ -272,6 +272,7 @@ def _summary(args, prompts, runners, runs, model, load_start, sweep_trees) -> di
         "greedy_mismatches_total": sum(
             (r["mismatches"] or {}).get("count", 0) for r in results.values()
         ),
+        "agreeing": metrics.agreeing(runs, BASELINE, greedy),
         "tree_sweep": sweep,
         "definitions": {
             "speedup": "tokens/s of the method / tokens/s of hf on the same prompts, where "
@@ -282,6 +283,8 @@ def _summary(args, prompts, runners, runs, model, load_start, sweep_trees) -> di
             "ttft_s": "mean seconds from the call to the first new token (prefill included)",
             "tpot_s": "sum(wall - ttft) / sum(new tokens - 1)",
             "peak_mem_bytes": MEMORY_SOURCES[PeakMemory(model.device).source],
+            "agreeing": "the prompts on which every greedy method's tokens equal hf's; their "
+            "figures compare the methods on the same text (bf16 rounding lets texts drift apart)",
         },
     }
 

@@ -17,6 +17,10 @@ Definitions (every aggregate is over one method's runs on one set of prompts):
 * peak memory = the largest per-prompt peak (bytes above what was in use before the call).
 * greedy mismatch: a prompt whose tokens differ from the baseline's in any position or in length;
   reported per prompt with the first differing position, never averaged away.
+* agreeing prompts: those on which every greedy method's tokens equal the baseline's. In bf16 the
+  methods' texts drift apart (a different batch shape rounds differently), and a drifted text can
+  be easier to guess (a repetition loop); the greedy methods' figures over the agreeing prompts
+  compare them on the same text.
 """
 
 from __future__ import annotations
@@ -168,6 +172,28 @@ def summarize(
             ),
         }
     return out
+
+
+def agreeing(
+    runs_by_method: dict[str, list[PromptRun]], baseline: str, greedy: Iterable[str]
+) -> dict | None:
+    """The greedy methods (baseline included) aggregated over the prompts where all of them emit
+    the baseline's tokens: {"prompts": n, "of": all prompts, "results": {method: aggregate}}.
+    None without a baseline or another greedy method."""
+    base = runs_by_method.get(baseline)
+    methods = [m for m in dict.fromkeys(greedy) if m in runs_by_method and m != baseline]
+    if base is None or not methods:
+        return None
+    tokens = {r.index: r.token_ids for r in base}
+    keep = set(tokens)
+    for m in methods:
+        keep -= {r.index for r in runs_by_method[m] if r.token_ids != tokens[r.index]}
+    subset = {m: [r for r in runs_by_method[m] if r.index in keep] for m in [baseline, *methods]}
+    return {
+        "prompts": len(keep),
+        "of": len(base),
+        "results": {m: aggregate(runs, subset[baseline], 0) for m, runs in subset.items()},
+    }
 
 
 def _all_lengths(runs: Sequence[PromptRun]) -> list[int] | None:

@@ -235,6 +235,7 @@ def markdown(summary: dict) -> str:
         for c in cats
     ]
     lines += _md(["category", "prompts", *methods], rows)
+    lines += _agreeing(summary)
     lines += _acceptance(results)
     lines += _sweep(summary)
     lines += _mismatch_details(results)
@@ -245,6 +246,24 @@ def markdown(summary: dict) -> str:
     lines += ["", "## Definitions", ""]
     lines += [f"* **{k}**: {v}" for k, v in summary["definitions"].items()]
     return "\n".join(lines) + "\n"
+
+
+def _agreeing(summary: dict) -> list[str]:
+    """The greedy methods on the prompts where their texts all equal hf's (only when some differ)."""
+    agree = summary.get("agreeing")
+    if not agree or not summary["greedy_mismatches_total"]:
+        return []
+    rows = [
+        [m, _f(a["tokens_per_s"], ".1f"), "–" if a["speedup"] is None else _f(a["speedup"]) + "x",
+         _f(a["tau"])]
+        for m, a in agree["results"].items()
+    ]  # fmt: skip
+    return [
+        f"## On the {agree['prompts']} of {agree['of']} prompts where every greedy method's text "
+        "equals hf's",
+        "",
+        *_md(["method", "tok/s", "speedup", "τ"], rows),
+    ]
 
 
 def _acceptance(results: dict) -> list[str]:

@@ -122,6 +122,9 @@ def test_bench_end_to_end_on_stories260k(capsys, tmp_path):
     assert line["methods"]["medusa"]["greedy_mismatches"] == 0
     assert res["medusa@cpu_8"]["mismatches"]["count"] == 0
     assert res["medusa-typical"]["mismatches"] is None
+    agree = summary["agreeing"]  # the greedy methods only (sampling has no text to agree on)
+    assert set(agree["results"]) == {"hf", "hf-pld", "medusa", "medusa@cpu_8"} and agree["of"] == 3
+    assert agree["prompts"] == 3 - len(res["hf-pld"]["mismatches"]["first_diff"])
     assert res["hf"]["all"]["tau"] == 1.0 and res["hf"]["all"]["speedup"] == 1.0
     assert (
         res["medusa"]["all"]["tau"] >= 1.0 and len(res["medusa"]["all"]["acceptance_by_depth"]) == 4

@@ -108,3 +108,23 @@ def test_summarize_without_baseline_reports_none():
     assert s["medusa"]["all"]["speedup"] is None
     assert s["medusa"]["mismatches"] is None
     assert s["medusa"]["all"]["tokens_per_s"] == pytest.approx(20.0)
+
+
+def test_agreeing_prompts_compare_greedy_methods_on_the_same_text():
+    # q1 differs for medusa (position 7) and hf-pld (length): only prompt 0 agrees everywhere.
+    agree = metrics.agreeing(
+        {"hf": HF, "hf-pld": PLD, "medusa": MEDUSA},
+        baseline="hf",
+        greedy=["hf", "hf-pld", "medusa"],
+    )
+    assert agree is not None and (agree["prompts"], agree["of"]) == (1, 2)
+    res = agree["results"]
+    assert list(res) == ["hf", "hf-pld", "medusa"]
+    assert res["medusa"]["speedup"] == pytest.approx((10 / 0.5) / (10 / 1.0))
+    assert res["hf-pld"]["speedup"] == pytest.approx((10 / 0.8) / (10 / 1.0))
+    assert res["medusa"]["tau"] == pytest.approx(9 / 4) and res["hf"]["new_tokens"] == 10
+    # One method alone keeps its own agreeing prompts; none without a baseline or another method.
+    alone = metrics.agreeing({"hf": HF, "medusa": HF}, baseline="hf", greedy=["medusa"])
+    assert alone is not None and alone["prompts"] == 2
+    assert metrics.agreeing({"medusa": MEDUSA}, baseline="hf", greedy=["medusa"]) is None
+    assert metrics.agreeing({"hf": HF}, baseline="hf", greedy=["hf"]) is None
