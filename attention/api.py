@@ -25,7 +25,9 @@ step with a device-side cache length can be captured in a CUDA graph.
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -37,6 +39,23 @@ from attention.sdpa import attention_sdpa
 
 Backend = Literal["reference", "sdpa", "flex", "triton"]
 BACKENDS: tuple[str, ...] = ("reference", "sdpa", "flex", "triton")
+
+
+def check_backend(backend: str, device: torch.device) -> None:
+    """Raise ValueError (one line, for users) if `backend` cannot run on `device` here."""
+    if backend not in BACKENDS:
+        raise ValueError(
+            f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}"
+        )
+    if backend != "triton":
+        return
+    if importlib.util.find_spec("triton") is None:
+        raise ValueError("the triton backend needs the triton package (pip install triton)")
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            f"the triton backend needs a CUDA device, not {device.type} (TRITON_INTERPRET=1 runs "
+            "it under triton's interpreter on a CPU: for tests, very slow); on a CPU use sdpa"
+        )
 
 
 def _check_shapes(q_BHQD: torch.Tensor, k_BGKD: torch.Tensor, v_BGKD: torch.Tensor) -> None:

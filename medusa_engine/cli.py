@@ -50,7 +50,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--tree",
         default="default",
-        help="tree preset name, a JSON file of paths, 'auto' (tuned for this machine), "
+        help="tree preset name, a JSON file of paths or the paths inline ('[[0],[1],[0,0]]'), 'auto' "
+        "(tuned for this machine), "
         "'dynamic:N[:TOPK[:BEAM[:DEPTH]]]' (N nodes shaped each step by the heads' confidence, as in "
         f"EAGLE-2), or 'default': the heads' own tree.json if they have one, else {DEFAULT_TREE}",
     )
@@ -167,21 +168,29 @@ def cmd_tune_tree(args: argparse.Namespace) -> int:
 
 
 def _tree_arg(value: str):
+    """A preset / `auto` / `dynamic:...` name as given, or the paths of inline JSON or a file."""
+    if value.lstrip().startswith("["):
+        return _tree_json(value, "--tree")
     path = Path(value)
     if value.endswith(".json") or path.is_file():
         if not path.is_file():
             raise CLIError(f"tree file not found: {path}")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise CLIError(f"{path} is not valid JSON: {err}") from None
-        if isinstance(data, dict) and data.get("dynamic_nodes"):  # `tune-tree --out`: dynamic won
-            return f"dynamic:{int(data['dynamic_nodes'])}"
-        paths = data.get("paths", data) if isinstance(data, dict) else data
-        if not isinstance(paths, list) or not all(isinstance(p, list) for p in paths):
-            raise CLIError(f"{path} must hold a list of paths (lists of ranks)")
-        return [tuple(p) for p in paths]
+        return _tree_json(path.read_text(), str(path))
     return value
+
+
+def _tree_json(text: str, where: str):
+    """Paths (list of rank tuples) from a JSON list, or a `tune-tree --out` record."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise CLIError(f"{where} is not valid JSON: {err}") from None
+    if isinstance(data, dict) and data.get("dynamic_nodes"):  # `tune-tree --out`: dynamic won
+        return f"dynamic:{int(data['dynamic_nodes'])}"
+    paths = data.get("paths", data) if isinstance(data, dict) else data
+    if not isinstance(paths, list) or not all(isinstance(p, list) for p in paths):
+        raise CLIError(f"{where} must hold a list of paths (lists of ranks)")
+    return [tuple(p) for p in paths]
 
 
 def encode_prompt(tokenizer, text: str, raw: bool) -> list[int]:

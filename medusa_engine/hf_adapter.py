@@ -44,7 +44,14 @@ from typing import Any
 import torch
 from transformers import AttentionInterface, Cache, DynamicCache
 
-from attention.api import BACKENDS, StaticMask, attention, attention_static, prepare_static
+from attention.api import (
+    BACKENDS,
+    StaticMask,
+    attention,
+    attention_static,
+    check_backend,
+    prepare_static,
+)
 from attention.kv_cache import StaticKVCache
 from attention.masks import additive_mask
 from medusa_engine.models import ModelSource, resolve_model
@@ -172,6 +179,7 @@ class HFModel:
         self.attention = attention
         self._attn_before = getattr(self.config, "_attn_implementation", None) or "sdpa"
         if attention != "hf":
+            check_backend(attention, self.device)
             AttentionInterface.register(ATTN_NAME, engine_attention)
             self.decoder.set_attn_implementation(ATTN_NAME)
         if fused_norms is None:

@@ -63,6 +63,8 @@ def write_tree(tmp_path, content: str):
         (["--model", "stories260k", "--max-new-tokens", "0"], "must be positive"),
         (["--model", "stories260k", "--temperature", "-1"], "temperature must be >= 0"),
         (["--model", "stories260k", "--static-step"], "--static-step needs greedy decoding"),
+        (["--model", "stories260k", "--tree", "[[0], [0, 0"], "--tree is not valid JSON"),
+        (["--model", "stories260k", "--tree", "[[0], [5, 0]]"], "no parent"),
         (
             ["--model", "stories260k", "--prompt", "word " * 600],
             "do not fit the model's context of 512",
@@ -75,6 +77,25 @@ def test_bad_input_is_one_line_and_nonzero(capsys, args, message):
     assert code == 2
     assert err.count("\n") == 1 and err.startswith("medusa-engine: error: "), err
     assert message in err
+
+
+def test_inline_tree_and_a_tree_file_give_the_same_tokens(capsys, tmp_path):
+    spec = "[[0], [1], [0, 0]]"
+    runs = []
+    for tree in (spec, write_tree(tmp_path, spec)):
+        code, out, _ = run(capsys, "generate", "--model", "stories260k", "--prompt", "Once upon",
+                           "--tree", tree, "--max-new-tokens", "12", "--json", "--dtype", "fp32")  # fmt: skip
+        assert code == 0
+        runs.append(json.loads(out))
+    assert runs[0]["token_ids"] == runs[1]["token_ids"] and runs[0]["new_tokens"] == 12
+
+
+def test_triton_backend_off_cuda_is_a_one_line_error(capsys, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    code, _, err = run(capsys, "generate", "--model", "stories260k", "--prompt", "hi",
+                       "--attention", "triton")  # fmt: skip
+    assert code == 2 and err.count("\n") == 1
+    assert "needs a CUDA device" in err or "needs the triton package" in err
 
 
 def test_invalid_tree_file_and_mismatched_heads(capsys, tmp_path):
