@@ -217,6 +217,7 @@ class HFModel:
         """Load model + tokenizer from an alias, folder, GGUF file or hub id (see `models`)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        device = usable_device(device)
         source = resolve_model(model) if isinstance(model, str) else model
         if isinstance(dtype, str) and dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
@@ -374,6 +375,23 @@ class HFModel:
                 layer.values[..., start : start + n, :] = layer.values.index_select(-2, rows)
             layer.keys = layer.keys[..., :length, :]
             layer.values = layer.values[..., :length, :]
+
+
+def usable_device(device: str | torch.device) -> torch.device:
+    """`device` as a torch.device, or ValueError (one line) if it is malformed or absent here."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"invalid device {str(device)!r}: {err}") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(
+                f"device {str(device)!r}: no CUDA GPU here (torch {torch.__version__}); use --device cpu"
+            )
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"device {str(device)!r}: this machine has {count} CUDA GPU(s)")
+    return dev
 
 
 def quiet_transformers() -> None:

@@ -64,6 +64,7 @@ def write_tree(tmp_path, content: str):
         (["--model", "stories260k", "--temperature", "-1"], "temperature must be >= 0"),
         (["--model", "stories260k", "--static-step"], "--static-step needs greedy decoding"),
         (["--model", "stories260k", "--tree", "[[0], [0, 0"], "--tree is not valid JSON"),
+        (["--model", "stories260k", "--device", "bogus"], "invalid device 'bogus'"),
         (["--model", "stories260k", "--tree", "[[0], [5, 0]]"], "no parent"),
         (
             ["--model", "stories260k", "--prompt", "word " * 600],
@@ -96,6 +97,13 @@ def test_triton_backend_off_cuda_is_a_one_line_error(capsys, monkeypatch):
                        "--attention", "triton")  # fmt: skip
     assert code == 2 and err.count("\n") == 1
     assert "needs a CUDA device" in err or "needs the triton package" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_cuda_without_a_gpu_is_a_one_line_error(capsys):
+    code, _, err = run(capsys, "generate", "--model", "stories260k", "--prompt", "hi",
+                       "--device", "cuda")  # fmt: skip
+    assert code == 2 and err.count("\n") == 1 and "no CUDA GPU here" in err
 
 
 def test_invalid_tree_file_and_mismatched_heads(capsys, tmp_path):
