@@ -182,11 +182,15 @@ def load_heads(directory: str | os.PathLike[str]) -> AnyHeads:
 
 
 def _read_weights(file: Path) -> dict[str, torch.Tensor]:
-    if file.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    """The tensors of a weights file; HeadsError (one line) if it cannot be read."""
+    try:
+        if file.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        return load_file(str(file))
-    return torch.load(file, map_location="cpu", weights_only=True)
+            return load_file(str(file))
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:  # safetensors / pickle errors have no common type
+        raise HeadsError(f"cannot read {file}: {type(err).__name__}: {err}") from err
 
 
 def _load_ours(path: Path, raw: dict) -> AnyHeads:

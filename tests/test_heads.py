@@ -98,6 +98,9 @@ def test_bad_folders_are_clear_errors(tmp_path):
         "num_layers": 1, "hidden_size": E, "vocab_size": V}))  # fmt: skip
     with pytest.raises(HeadsError, match="no heads.safetensors"):
         MedusaHeads.load(tmp_path)
+    (tmp_path / "heads.safetensors").write_bytes(b"not a safetensors file")  # a cut download
+    with pytest.raises(HeadsError, match="cannot read .*heads.safetensors"):
+        MedusaHeads.load(tmp_path)
     save_file({"blocks.0.0.linear.weight": torch.zeros(E, E)}, str(tmp_path / "heads.safetensors"))
     with pytest.raises(HeadsError, match="do not match"):
         MedusaHeads.load(tmp_path)
