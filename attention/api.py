@@ -41,12 +41,16 @@ Backend = Literal["reference", "sdpa", "flex", "triton"]
 BACKENDS: tuple[str, ...] = ("reference", "sdpa", "flex", "triton")
 
 
-def check_backend(backend: str, device: torch.device) -> None:
-    """Raise ValueError (one line, for users) if `backend` cannot run on `device` here."""
+def _require_known(backend: str) -> None:
     if backend not in BACKENDS:
         raise ValueError(
             f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}"
         )
+
+
+def check_backend(backend: str, device: torch.device) -> None:
+    """Raise ValueError (one line, for users) if `backend` cannot run on `device` here."""
+    _require_known(backend)
     if backend != "triton":
         return
     if importlib.util.find_spec("triton") is None:
@@ -111,10 +115,7 @@ def attention(
     comes from same-dtype math, as SDPA does not expose it.
     """
     _check_shapes(q_BHQD, k_BGKD, v_BGKD)
-    if backend not in BACKENDS:
-        raise ValueError(
-            f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}"
-        )
+    _require_known(backend)
     scale = 1.0 / math.sqrt(q_BHQD.shape[-1]) if scale is None else scale
     b, _, q_len, _ = q_BHQD.shape
     n_slots = k_BGKD.shape[2]
@@ -189,10 +190,7 @@ def prepare_static(
     `triton`. Tensor arithmetic only: no host sync and no value checks (the tree was checked when
     it was built), so a forward that calls this can be captured in a CUDA graph.
     """
-    if backend not in BACKENDS:
-        raise ValueError(
-            f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}"
-        )
+    _require_known(backend)
     if kv_len_B.dtype != torch.int32 or kv_len_B.ndim != 1:
         raise ValueError(f"kv_len_B must be int32 [B], got {kv_len_B.dtype} {kv_len_B.shape}")
     if tree_mask_QQ is not None and tree_mask_QQ.shape != (q_len, q_len):

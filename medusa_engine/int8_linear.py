@@ -4,9 +4,9 @@ A recurrent drafter multiplies one or a few rows by the same matrices at every d
 transition's two layers and the draft-vocabulary LM head: 26 MB in bf16 for the bundled heads, four
 times per step); Medusa heads multiply K rows by the whole vocabulary's LM head once per step (57 MB
 for SmolLM2). On a CPU that work is bound by reading the weights (and bf16 products of so few
-rows run far below the cores' peak: 17 GB/s with the weights in cache here). fbgemm's dynamic int8 linear (`torch.ops.quantized`: int8
-weights with one scale per output row, the activations quantised to uint8 at each call) reads a
-quarter of the bytes and runs a native kernel: on the project's 2-core CPU the draft LM head takes
+rows run far below the cores' peak: 17 GB/s with the weights in cache here). fbgemm's dynamic
+int8 linear (`torch.ops.quantized`: int8 weights with one scale per output row, the activations
+quantised to uint8 at each call) reads a quarter of the bytes and runs a native kernel: on the project's 2-core CPU the draft LM head takes
 0.41 ms instead of 1.7 ms with a cold cache (16384 x 576, one row), and a `dynamic:8` + lookup
 step of the bundled heads 48.1 ms instead of 53.3 ms, at τ 2.314 instead of 2.317 (SmolLM2 in bf16,
 torch 2.13 CPU, 8 MT-Bench prompts twice, 128 tokens, both in one run); four random Medusa heads on
@@ -15,8 +15,9 @@ SmolLM2 draft in 1.2 ms instead of 4.4 ms (same run as their float twin).
 The drafter only proposes; verification decides. So the rounding can cost acceptance but does
 not change what the engine computes: greedy stays identical to plain greedy (tested in fp32; in
 bf16 any change of the verified tree moves the verifier's own rounding, see the README's
-*Numerics*), and the acceptance rules do not read the draft's probabilities. One thing differs from a float product: the activations share one
-quantisation scale per call, so a row's result depends slightly on the other rows of its batch.
+*Numerics*), and the acceptance rules do not read the draft's probabilities. One thing differs
+from a float product: the activations share one quantisation scale per call, so a row's result
+depends slightly on the other rows of its batch.
 
 PyTorch 2.13 marks the quantized-tensor constructors this needs as deprecated (pytorch#184982).
 Nothing else in PyTorch reads int8 weights this fast here (tried: `torch._int_mm` with per-row
