@@ -218,7 +218,8 @@ def default_num_splits(n_programs: int, n_kv_blocks: int, device: torch.device) 
 
     Measured on an H100 (132 SMs; 64 tree queries, 32 kv heads x 128, bf16, graph replays):
     4 splits read a 4k / 16k cache at 1.42 / 2.39 TB/s, 8 splits (two waves) at 1.31 / 2.25
-    (`python -m eval.bench_attention --sweep`; eval/results/h100-2026-11-26-s4/). Neither
+    (`python -m eval.bench_attention --sweep`; eval/results/h100-2026-11-26-s4/); on an H200
+    (132 SMs) at 1.70 / 3.12 against 1.53 / 2.93 (eval/results/h200-2026-11-26-s9/). Neither
     32-key blocks, 4 pipeline stages nor 8 warps beat the defaults there, nor did merging the
     splits in the last program instead of `_combine_kernel` (tried: 1.47 TB/s at 4k in one call,
     but 20 % slower inside the 7B step, whose caches are short).

@@ -48,10 +48,17 @@ PRESETS: dict[str, dict[str, Any]] = {
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def _timed(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
-    """Median milliseconds of `fn` after two warm-up calls."""
+def _timed(
+    fn: Callable[[], object],
+    device: torch.device,
+    repeats: int,
+    before: Callable[[], object] | None = None,
+) -> float:
+    """Median milliseconds of `fn` after two warm-up calls; `before` runs untimed before each."""
     times = []
     for i in range(repeats + 2):
+        if before is not None:
+            before()
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
@@ -177,8 +184,11 @@ def bench_engine_graph(model_hf, attention: str, sizes: Sequence[int], prefix: i
 def bench_hf_static(model_hf, sizes: Sequence[int], prefix: int, repeats: int, out: dict) -> None:
     """transformers' StaticCache + compiled forward (CUDA graphs); each size is its own graph.
 
-    Each size gets a fresh compilation with static shapes: recompiling the first graph with a
-    dynamic token count failed on an H100 (device-side index assert, torch 2.11).
+    Each size gets a fresh compilation with static shapes. transformers 5's static cache writes
+    at its own running length (`cumulative_length`), not at `cache_position`, so every call would
+    append; the length is set back to the prefix before each timed call (untimed), so that every
+    call runs over the same `prefix` cached tokens, as the engine's steps do. Without that the
+    cache overflowed after a few calls: an index-out-of-bounds assert inside the compiled graph.
     """
     from transformers import StaticCache
 
@@ -187,6 +197,14 @@ def bench_hf_static(model_hf, sizes: Sequence[int], prefix: int, repeats: int, o
     ids = torch.randint(3, model_hf.config.vocab_size, (1, prefix), device=device)
     with torch.inference_mode():
         model_hf(input_ids=ids, past_key_values=cache, use_cache=True)
+    lengths = [
+        t for layer in cache.layers if (t := getattr(layer, "cumulative_length", None)) is not None
+    ]
+
+    def rewind() -> None:  # in place: the compiled graph holds these tensors' addresses
+        for length in lengths:
+            length.fill_(prefix)
+
     for size in sizes:
         torch._dynamo.reset()
         compiled = torch.compile(model_hf.forward, mode="reduce-overhead", dynamic=False)
@@ -196,11 +214,11 @@ def bench_hf_static(model_hf, sizes: Sequence[int], prefix: int, repeats: int, o
         def call(t: torch.Tensor = tokens, p: torch.Tensor = positions, n: int = size,
                  fn: Any = compiled) -> object:  # fmt: skip
             return fn(input_ids=t, position_ids=p, cache_position=p[0],
-                            past_key_values=cache, use_cache=True, logits_to_keep=n)  # fmt: skip
+                      past_key_values=cache, use_cache=True, logits_to_keep=n)  # fmt: skip
 
         try:
             with torch.inference_mode():
-                out[size] = _timed(call, device, repeats)
+                out[size] = _timed(call, device, repeats, before=rewind)
         except Exception as err:  # noqa: BLE001 - report the failure in the table, keep going
             out[size] = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:120]}"
 

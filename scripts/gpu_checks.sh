@@ -2,8 +2,8 @@
 # The GPU session's one prepared script: `gpu`-marked tests, then the benchmarks, each with its
 # own time limit, every log under $OUT (default ./runs/gpu). Usage: scripts/gpu_checks.sh [PARTS]
 # where PARTS is a comma list of: env, tests, triton, attention, insitu, gemm, profile, step,
-# hfstatic, dit (default: all; about 12 minutes at most, so a 10-minute call takes a subset).
-# Issue 5's open figure (tree verification at a 4k cache) needs: env,triton,attention,insitu.
+# hfstatic, dit (default: all; about 14 minutes at most, so a 10-minute call takes a subset).
+# Issue 5's figures need: env,tests,attention,insitu,step,hfstatic (about 7 minutes on an H200).
 set -u
 OUT=${OUT:-runs/gpu}
 mkdir -p "$OUT"
@@ -42,7 +42,7 @@ part profile && run profile 120 $PY -m eval.bench_step --preset 7b --sizes 1,64 
 # Two processes: a failed CUDA-graph capture poisons the context for whatever runs after it.
 part step && run step 90 $PY -m eval.bench_step --preset 7b --sizes 1,16,32,64 --repeats 10 \
   --methods hf-eager,engine-triton,engine-graph-triton,engine-graph-triton+eager-norms,engine-graph-sdpa
-part hfstatic && run step_hf_static 90 $PY -m eval.bench_step --preset 7b --sizes 1,16,32,64 \
+part hfstatic && run step_hf_static 180 $PY -m eval.bench_step --preset 7b --sizes 1,16,32,64 \
   --repeats 10 --methods hf-static-compiled
 part dit && run dit 60 $PY -m diffusion_ext.bench --iters 10
 exit 0

@@ -162,3 +162,16 @@ def test_step_benchmark_smoke_on_cpu(capsys):
     for method in ("hf-eager", "engine-sdpa"):
         row = summary["ms_per_step"][method]
         assert "error" not in row and all(row[s] > 0 for s in ("1", "16")), row
+
+
+@pytest.mark.slow
+def test_hf_static_baseline_survives_many_calls_on_cpu(capsys):
+    """transformers' static cache appends on every call; the baseline rewinds it, so many timed
+    calls at 4 tokens stay inside a 4 + 8 slot margin (they overflowed it before)."""
+    from eval import bench_step
+
+    code = bench_step.main(["--preset", "tiny", "--dtype", "fp32", "--device", "cpu", "--prefix",
+                            "32", "--sizes", "1,4", "--repeats", "12",
+                            "--methods", "hf-static-compiled"])  # fmt: skip
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["ms_per_step"]
+    assert code == 0 and all(row["hf-static-compiled"][s] > 0 for s in ("1", "4")), row
