@@ -7,8 +7,10 @@ Methods (`--methods`, any subset, in this order per prompt):
 * `hf`: `model.generate(do_sample=False)`, the baseline every speedup is relative to;
 * `hf-pld`: HF prompt-lookup decoding (`prompt_lookup_num_tokens=10`), greedy;
 * `medusa`: the engine, greedy, with `--heads` on `--tree` (plus the `--lookup` branch);
-* `medusa-typical`: the engine at `--temperature` (default 0.7) with typical acceptance; the
-  sampler is reseeded per prompt (`--seed` + prompt index), so each answer is reproducible.
+* `medusa-typical`: the engine at `--temperature` (default 0.7) with typical acceptance;
+* `medusa-lossless`: the same with lossless acceptance (the output is distributed as plain
+  sampling at that temperature). Sampling methods reseed their sampler per prompt (`--seed` +
+  prompt index), so each answer is reproducible.
 
 All methods share one loaded model and run in one process, interleaved (for each prompt, every
 method), after one warm-up call each; device work is synchronised before each clock read. Greedy
@@ -48,7 +50,8 @@ from eval.timing import MEMORY_SOURCES, HFStepClock, PeakMemory, first_item_time
 from medusa_engine.cli import CLIError, add_model_args, encode_prompt, load_engine
 from medusa_engine.trees import TREE_PRESETS
 
-METHODS = ("hf", "hf-pld", "medusa", "medusa-typical")
+METHODS = ("hf", "hf-pld", "medusa", "medusa-typical", "medusa-lossless")
+SAMPLED = {"medusa-typical": "typical", "medusa-lossless": "lossless"}  # method -> acceptance
 GREEDY = ("hf", "hf-pld", "medusa")
 BASELINE = "hf"
 PLD_TOKENS = 10
@@ -71,7 +74,7 @@ class Method:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The `bench` flags (including the shared model flags)."""
     add_model_args(parser)
-    parser.set_defaults(temperature=0.7)  # only medusa-typical samples
+    parser.set_defaults(temperature=0.7)  # only the SAMPLED methods sample
     parser.add_argument("--prompts", required=True, help="mt_bench, spec_bench or a .jsonl file")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
     parser.add_argument(
@@ -171,14 +174,16 @@ def _methods(
         out.append(Method("hf-pld", _hf_call(model, PLD_TOKENS)))
     if "medusa" in methods:
         out.append(Method("medusa", _engine_call(greedy), greedy, tree=str(args.tree)))
-    if "medusa-typical" in methods:
+    for label, rule in SAMPLED.items():
+        if label not in methods:
+            continue
         if args.temperature <= 0:
-            raise CLIError("medusa-typical needs --temperature > 0")
+            raise CLIError(f"{label} needs --temperature > 0")
         seed = 0 if args.seed is None else args.seed
-        sampling = SamplingConfig(temperature=args.temperature, seed=seed)
-        typical = MedusaGenerator(model, greedy.drafter, greedy.tree, sampling,
-                                  lookup=greedy.lookup)  # fmt: skip
-        out.append(Method("medusa-typical", _engine_call(typical), typical, seed, str(args.tree)))
+        sampling = SamplingConfig(temperature=args.temperature, acceptance=rule, seed=seed)
+        engine = MedusaGenerator(model, greedy.drafter, greedy.tree, sampling,
+                                 lookup=greedy.lookup)  # fmt: skip
+        out.append(Method(label, _engine_call(engine), engine, seed, str(args.tree)))
     for name in sweep:
         if name == str(args.tree) and "medusa" in methods:
             continue  # the `medusa` runs are this tree's
@@ -311,7 +316,7 @@ def _stamp(args, model, runners, load_start) -> dict:
         "transformers": _version("transformers"),
         "heads": _heads_path(args),
         "trees": trees,
-        "temperature": args.temperature if "medusa-typical" in _split(args.methods) else None,
+        "temperature": args.temperature if SAMPLED.keys() & set(_split(args.methods)) else None,
         "seed": 0 if args.seed is None else args.seed,
         "pld_num_tokens": PLD_TOKENS,
         "git_commit": _git("rev-parse", "HEAD"),

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from attention.api import BACKENDS
+from medusa_engine.config import ACCEPTANCE_RULES
 from medusa_engine.models import DEFAULT_MODEL, ModelNotFoundError
 from medusa_engine.trees import DEFAULT_LOOKUP, DEFAULT_TREE
 
@@ -67,7 +68,15 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         "--temperature",
         type=float,
         default=0.0,
-        help="0 = greedy (lossless); > 0 samples with typical acceptance",
+        help="0 = greedy (output identical to greedy decoding); > 0 samples (see --acceptance)",
+    )
+    p.add_argument(
+        "--acceptance",
+        default="lossless",
+        choices=list(ACCEPTANCE_RULES),
+        help="when sampling: 'lossless' (default; rejection sampling of the drafts: the output "
+        "is distributed exactly as plain sampling at --temperature) or 'typical' (Medusa's "
+        "typical acceptance: keeps more drafts, but changes the distribution)",
     )
     p.add_argument(
         "--lookup",
@@ -105,7 +114,9 @@ def load_engine(args: argparse.Namespace):
             "--static-step needs greedy decoding (--temperature 0), --lookup 0 and one of our "
             "attention backends (--attention sdpa, flex, triton or reference)"
         )
-    sampling = SamplingConfig(temperature=args.temperature, seed=args.seed)
+    sampling = SamplingConfig(
+        temperature=args.temperature, acceptance=args.acceptance, seed=args.seed
+    )
     source = resolve_model(args.model)
     heads_dir: Path | None
     if args.heads == "none":

@@ -58,6 +58,7 @@ class HeadsConfig:
 
 
 HEAD_KINDS = ("medusa", "recurrent")
+ACCEPTANCE_RULES = ("lossless", "typical")  # at temperature > 0; greedy is exact match
 
 
 @dataclass(frozen=True)
@@ -65,13 +66,16 @@ class SamplingConfig:
     """How tokens are chosen and candidates accepted.
 
     temperature == 0: greedy; exact-match acceptance (lossless: identical to greedy decoding).
+    temperature > 0 with `acceptance="lossless"` (default): rejection sampling of the tree's
+    drafts; the output is distributed as plain sampling at that temperature
+    (`acceptance.accept_lossless`).
     temperature > 0 with `acceptance="typical"`: Medusa's typical acceptance (Cai et al. 2024,
     Sec. 3.3.1): candidate x is accepted when p(x) > min(epsilon, delta * exp(-H(p))), with
-    epsilon = `posterior_threshold`, delta = `posterior_alpha`.
+    epsilon = `posterior_threshold`, delta = `posterior_alpha`. Keeps more; not lossless.
     """
 
     temperature: float = 0.0
-    acceptance: str = "typical"
+    acceptance: str = "lossless"
     posterior_threshold: float = 0.09
     posterior_alpha: float = 0.3
     seed: int | None = None
@@ -79,8 +83,10 @@ class SamplingConfig:
     def __post_init__(self) -> None:
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.acceptance not in ("typical",):
-            raise ValueError(f"unknown acceptance rule {self.acceptance!r}; choose 'typical'")
+        if self.acceptance not in ACCEPTANCE_RULES:
+            raise ValueError(
+                f"unknown acceptance rule {self.acceptance!r}; choose one of {ACCEPTANCE_RULES}"
+            )
         if not 0 < self.posterior_threshold <= 1 or not 0 < self.posterior_alpha <= 1:
             raise ValueError("posterior_threshold and posterior_alpha must be in (0, 1]")
 

@@ -1,4 +1,5 @@
-"""Acceptance rules on hand-built logits, and typical acceptance -> greedy as T -> 0."""
+"""Acceptance rules on hand-built logits, typical acceptance -> greedy as T -> 0, and lossless
+sampling against the exact distribution of a small Markov chain."""
 
 from __future__ import annotations
 
@@ -7,7 +8,13 @@ import math
 import pytest
 import torch
 
-from medusa_engine.acceptance import accept_greedy, accept_typical, typical_threshold
+from medusa_engine import acceptance
+from medusa_engine.acceptance import (
+    accept_greedy,
+    accept_lossless,
+    accept_typical,
+    typical_threshold,
+)
 from medusa_engine.candidates import fill_tree, path_tokens
 from medusa_engine.config import SamplingConfig
 from medusa_engine.tree import build_tree
@@ -97,3 +104,82 @@ def test_typical_tends_to_greedy_as_temperature_goes_to_zero():
         g_path = tree.paths_PL[greedy[0], : greedy[1] + 1]
         t_path = tree.paths_PL[typical[0], : typical[1] + 1]
         assert torch.equal(g_path, t_path)
+
+
+# A Markov chain over 4 tokens stands in for the base model: p(next | node) = CHAIN[node's token].
+CHAIN = torch.tensor(
+    [[0.1, 0.4, 0.3, 0.2], [0.2, 0.1, 0.3, 0.4], [0.5, 0.2, 0.1, 0.2], [0.25, 0.25, 0.25, 0.25]]
+)
+# root 0 -> (0,): 1 -> (0,0): 3;  root -> (1,): 2;  root -> (2,): 1 again -> (2,0): 2. Node (2,)
+# repeats its sibling's token, as a prompt-lookup branch can.
+DUP_TREE = build_tree([(0,), (1,), (2,), (0, 0), (2, 0)], num_heads=2)
+DUP_TOKENS_N = torch.tensor([0, 1, 2, 1, 3, 2])
+
+
+def lossless_chunks(trials: int, temperature: float = 1.0) -> list[tuple[int, ...]]:
+    """The tokens one lossless step emits (kept candidates + next token), `trials` times."""
+    gen = torch.Generator().manual_seed(0)
+    logits_NV = (CHAIN[DUP_TOKENS_N].log() * temperature).float()
+    candidates_PL = path_tokens(DUP_TOKENS_N, DUP_TREE)
+    sampling = SamplingConfig(temperature=temperature, acceptance="lossless")
+    chunks = []
+    for _ in range(trials):
+        best, accepted, nxt = accept_lossless(
+            logits_NV, candidates_PL, DUP_TREE.paths_PL, sampling, gen
+        ).tolist()
+        chunks.append((*candidates_PL[best, 1 : accepted + 1].tolist(), nxt))
+    return chunks
+
+
+def worst_deviation(chunks: list[tuple[int, ...]]) -> float:
+    """Largest |empirical - exact| over p(t1), p(t2 | t1 = 1, kept) and p(t3 | 1, 3, kept)."""
+    worst = 0.0
+    for prefix in [(), (1,), (1, 3)]:
+        rows = [
+            c[len(prefix)] for c in chunks if c[: len(prefix)] == prefix and len(c) > len(prefix)
+        ]
+        assert len(rows) > 500, (prefix, len(rows))  # enough samples for the bound to mean much
+        empirical = torch.bincount(torch.tensor(rows), minlength=4).float() / len(rows)
+        exact = CHAIN[prefix[-1] if prefix else 0]
+        worst = max(worst, (empirical - exact).abs().max().item())
+    return worst
+
+
+def test_lossless_sampling_has_the_base_models_distribution():
+    # Each conditional has >= 2,000 samples here: sigma <= 0.011; the bound is ~3 sigma.
+    assert worst_deviation(lossless_chunks(12_000)) < 0.035
+
+
+def test_lossless_sampling_needs_the_first_of_equal_siblings(monkeypatch):
+    # Taking the longest match among siblings with the same token biases what follows them:
+    # after t1 = 1, p(t2 = 2) becomes 0.3 + 0.3 * 0.3 = 0.39 instead of 0.3 (node (2,0) adds its
+    # chance whenever (0,)'s own sample is neither 2 nor 3), a deviation of 0.09.
+    everyone = lambda token_N, parent_N: torch.ones_like(token_N, dtype=torch.bool)  # noqa: E731
+    monkeypatch.setattr(acceptance, "first_of_siblings", everyone)
+    assert worst_deviation(lossless_chunks(12_000)) > 0.06
+
+
+def test_lossless_keeps_the_chain_its_samples_walk():
+    chunks = lossless_chunks(2_000)
+    kept = {c[:-1] for c in chunks}
+    assert kept == {(), (1,), (2,), (1, 3)}  # (2,) of node (2,) never: its twin (0,) comes first
+
+
+def test_lossless_tends_to_greedy_as_temperature_goes_to_zero():
+    gen = torch.Generator().manual_seed(1)
+    tree = build_tree([(0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0)], num_heads=3)
+    cold = SamplingConfig(temperature=1e-4, acceptance="lossless")
+    for trial in range(200):
+        logits_NV = torch.randn(tree.num_nodes, 50, generator=gen) * 3
+        heads_KV = torch.randn(3, 50, generator=gen)
+        if trial % 2:
+            heads_KV[0, logits_NV[0].argmax()] = 10.0
+        candidates_PL = path_tokens(fill_tree(logits_NV.new_tensor(0).long(), heads_KV, tree), tree)
+        greedy = accept_greedy(logits_NV, candidates_PL, tree.paths_PL)
+        lossless = accept_lossless(logits_NV, candidates_PL, tree.paths_PL, cold, gen)
+        assert greedy[1:].tolist() == lossless[1:].tolist()
+
+
+def test_unknown_acceptance_rule_is_refused():
+    with pytest.raises(ValueError, match="lossless"):
+        SamplingConfig(temperature=1.0, acceptance="speculative")

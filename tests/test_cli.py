@@ -80,6 +80,25 @@ def test_bad_input_is_one_line_and_nonzero(capsys, args, message):
     assert message in err
 
 
+def test_unknown_acceptance_rule_is_an_argparse_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "--prompt", "hi", "--acceptance", "exact"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'exact' (choose from 'lossless', 'typical')" in capsys.readouterr().err
+
+
+def test_lossless_sampling_is_reproducible_with_a_seed(capsys, tmp_path):
+    random_heads(save_to=tmp_path / "heads")
+    runs = []
+    for seed in ("3", "3", "4"):
+        code, out, _ = run(capsys, "generate", "--model", "stories260k", "--heads", str(tmp_path / "heads"),
+                           "--prompt", "Once upon a time", "--max-new-tokens", "24", "--json",
+                           "--temperature", "1.0", "--acceptance", "lossless", "--seed", seed)  # fmt: skip
+        assert code == 0
+        runs.append(json.loads(out)["token_ids"])
+    assert runs[0] == runs[1] != runs[2] and len(runs[0]) == 24
+
+
 def test_inline_tree_and_a_tree_file_give_the_same_tokens(capsys, tmp_path):
     spec = "[[0], [1], [0, 0]]"
     runs = []

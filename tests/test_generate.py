@@ -162,3 +162,37 @@ def test_triton_backend_is_lossless_under_the_interpreter():
     proc = subprocess.run([sys.executable, "-c", TRITON_SCRIPT], env=env, capture_output=True,
                           text=True, timeout=900)  # fmt: skip
     assert proc.returncode == 0 and "triton ok" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_lossless_sampling_keeps_the_models_distribution(stories260k, prompt_ids, references):
+    """At T = 1 the engine's second token (the first one a verification step decides) follows
+    p(t2 | prompt) = sum_t1 p(t1 | prompt) p(t2 | prompt, t1), computed exactly, while the
+    oracle's drafts are kept on most steps."""
+    from medusa_engine.config import SamplingConfig
+
+    ids, ref, runs = prompt_ids[0], references[0], 1500
+    with torch.inference_mode():
+        p1_V = stories260k.model(torch.tensor([ids])).logits[0, -1].float().softmax(-1)
+        batch = torch.tensor([[*ids, t] for t in range(stories260k.vocab_size)])
+        p2_VV = stories260k.model(batch).logits[:, -1].float().softmax(-1)  # [t1, t2]
+    exact_t2 = p1_V @ p2_VV
+    sampling = SamplingConfig(temperature=1.0, acceptance="lossless", seed=0)
+    drafter = OracleDrafter(ref, len(ids), 4, stories260k.vocab_size)
+    engine = MedusaGenerator(stories260k, drafter, "cpu_16", sampling, lookup=0)
+    pairs, kept = [], 0
+    for _ in range(runs):
+        result = engine.generate(ids, 2)
+        pairs.append(result.token_ids[:2])
+        kept += result.accepted_lengths[0] > 1  # t2 was a draft the step kept
+    assert kept > runs // 3, kept
+    t1_R, t2_R = torch.tensor(pairs).T
+    t1_top = int(p1_V.argmax())
+    for empirical, exact, n in [
+        (torch.bincount(t2_R, minlength=stories260k.vocab_size) / runs, exact_t2, runs),
+        (torch.bincount(t2_R[t1_R == t1_top], minlength=stories260k.vocab_size)
+         / int((t1_R == t1_top).sum()), p2_VV[t1_top], int((t1_R == t1_top).sum())),
+    ]:  # fmt: skip
+        sigma = (exact * (1 - exact) / n).sqrt()
+        assert n > 300 and ((empirical - exact).abs() <= 4.5 * sigma + 0.01).all(), (
+            (empirical - exact).abs().max()
+        )
