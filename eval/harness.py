@@ -37,7 +37,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -47,7 +47,7 @@ import torch
 from eval import metrics, report
 from eval.prompts import Prompt, load_prompts
 from eval.timing import MEMORY_SOURCES, HFStepClock, PeakMemory, first_item_time, sync
-from medusa_engine.cli import CLIError, add_model_args, encode_prompt, load_engine
+from medusa_engine.cli import CLIError, add_model_args, encode_prompt, load_engine, sampling_config
 from medusa_engine.trees import TREE_PRESETS
 
 METHODS = ("hf", "hf-pld", "medusa", "medusa-typical", "medusa-lossless")
@@ -180,7 +180,7 @@ def _methods(
         if args.temperature <= 0:
             raise CLIError(f"{label} needs --temperature > 0")
         seed = 0 if args.seed is None else args.seed
-        sampling = SamplingConfig(temperature=args.temperature, acceptance=rule, seed=seed)
+        sampling = replace(sampling_config(args, seed), acceptance=rule)
         engine = MedusaGenerator(model, greedy.drafter, greedy.tree, sampling,
                                  lookup=greedy.lookup)  # fmt: skip
         out.append(Method(label, _engine_call(engine), engine, seed, str(args.tree)))

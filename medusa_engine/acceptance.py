@@ -16,6 +16,25 @@ import torch
 from medusa_engine.config import SamplingConfig
 
 
+def sampling_logp(logits_NV: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
+    """log p of the distribution tokens are sampled from: softmax(logits / T) after top-k, then
+    top-p (nucleus) filtering, in that order, as HF's warpers do; float32, -inf where filtered."""
+    logits_NV = logits_NV.float() / sampling.temperature
+    vocab = logits_NV.shape[-1]
+    if 0 < sampling.top_k < vocab:
+        kth_N1 = logits_NV.topk(sampling.top_k, dim=-1).values[..., -1:]
+        logits_NV = logits_NV.masked_fill(logits_NV < kth_N1, float("-inf"))
+    if sampling.top_p < 1.0:
+        sorted_NV, order_NV = logits_NV.sort(dim=-1, descending=True)
+        probs_NV = sorted_NV.softmax(dim=-1)
+        before_NV = probs_NV.cumsum(dim=-1) - probs_NV  # mass of the likelier tokens
+        drop_NV = torch.zeros_like(before_NV, dtype=torch.bool).scatter(
+            -1, order_NV, before_NV >= sampling.top_p
+        )
+        logits_NV = logits_NV.masked_fill(drop_NV, float("-inf"))
+    return torch.log_softmax(logits_NV, dim=-1)
+
+
 def accept_greedy(
     logits_NV: torch.Tensor, candidates_PL: torch.Tensor, paths_PL: torch.Tensor
 ) -> torch.Tensor:
@@ -34,8 +53,11 @@ def accept_greedy(
 
 def typical_threshold(logits_NV: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
     """Medusa's per-node threshold min(epsilon, delta * exp(-H(p))) with p = softmax(logits / T)."""
-    logp_NV = torch.log_softmax(logits_NV.float() / sampling.temperature, dim=-1)
-    entropy_N = -(logp_NV.exp() * logp_NV).sum(-1)
+    return _threshold(sampling_logp(logits_NV, sampling), sampling)
+
+
+def _threshold(logp_NV: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
+    entropy_N = -torch.where(logp_NV > float("-inf"), logp_NV.exp() * logp_NV, 0.0).sum(-1)
     return torch.clamp(
         sampling.posterior_alpha * torch.exp(-entropy_N), max=sampling.posterior_threshold
     )
@@ -53,15 +75,15 @@ def accept_typical(
     Among the longest accepted prefixes the most likely one wins; the next token is sampled from
     softmax(logits / T) at the last kept node.
     """
-    logp_NV = torch.log_softmax(logits_NV.float() / sampling.temperature, dim=-1)
-    threshold_N = typical_threshold(logits_NV, sampling)
+    logp_NV = sampling_logp(logits_NV, sampling)
+    threshold_N = _threshold(logp_NV, sampling)
     parent_PL1 = paths_PL[:, :-1]
     child_PL1 = candidates_PL[:, 1:]
     logp_child_PL1 = logp_NV[parent_PL1, child_PL1.clamp(min=0)]
     ok_PL1 = (child_PL1 >= 0) & (logp_child_PL1.exp() > threshold_N[parent_PL1])
     kept_PL1 = ok_PL1.to(torch.int64).cumprod(dim=1)
     accepted_P = kept_PL1.sum(dim=1)
-    loglik_P = (logp_child_PL1 * kept_PL1).sum(dim=1)
+    loglik_P = torch.where(kept_PL1 > 0, logp_child_PL1, 0.0).sum(dim=1)  # -inf where filtered
     score_P = torch.where(accepted_P == accepted_P.max(), loglik_P, float("-inf"))
     best_1 = score_P.argmax(dim=0, keepdim=True)  # 1-element indices: no host sync (see greedy)
     accepted_1 = accepted_P.gather(0, best_1)
@@ -119,7 +141,7 @@ def accept_lossless(
     ~30 ms on a CPU at 25 nodes x 49k tokens).
     """
     num_nodes = logits_NV.shape[0]
-    logp_NV = torch.log_softmax(logits_NV.float() / sampling.temperature, dim=-1)
+    logp_NV = sampling_logp(logits_NV, sampling)
     token_N, parent_N = node_view(candidates_PL, paths_PL, num_nodes)
     first_N = first_of_siblings(token_N, parent_N)
     has_parent_N = parent_N >= 0

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from medusa_engine.acceptance import sampling_logp
 from medusa_engine.config import SamplingConfig
 from medusa_engine.tree import TreeBuffers
 
@@ -19,7 +20,7 @@ def choose_token(
     """The base model's next token (0-d int64): argmax, or a sample from softmax(logits / T)."""
     if sampling.greedy:
         return logits_V.argmax(-1)
-    probs_V = torch.softmax(logits_V.float() / sampling.temperature, dim=-1)
+    probs_V = sampling_logp(logits_V, sampling).exp()
     return torch.multinomial(probs_V, 1, generator=generator)[0]
 
 

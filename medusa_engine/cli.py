@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from attention.api import BACKENDS
-from medusa_engine.config import ACCEPTANCE_RULES
+from medusa_engine.config import ACCEPTANCE_RULES, SamplingConfig
 from medusa_engine.models import DEFAULT_MODEL, ModelNotFoundError
 from medusa_engine.trees import DEFAULT_LOOKUP, DEFAULT_TREE
 
@@ -79,6 +79,16 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         "typical acceptance: keeps more drafts, but changes the distribution)",
     )
     p.add_argument(
+        "--top-k", type=int, default=0, help="when sampling: only the K likeliest tokens (0 = all)"
+    )
+    p.add_argument(
+        "--top-p",
+        type=float,
+        default=1.0,
+        help="when sampling: only the likeliest tokens holding this much probability (nucleus; "
+        "1 = all); applied after --top-k, and lossless acceptance stays exact for the result",
+    )
+    p.add_argument(
         "--lookup",
         type=int,
         default=DEFAULT_LOOKUP,
@@ -97,9 +107,16 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
 
 
+def sampling_config(args: argparse.Namespace, seed: int | None) -> SamplingConfig:
+    """The sampling flags as a config (a bad value raises ValueError: a one-line error)."""
+    return SamplingConfig(
+        temperature=args.temperature, acceptance=args.acceptance, seed=seed,
+        top_k=args.top_k, top_p=args.top_p,
+    )  # fmt: skip
+
+
 def load_engine(args: argparse.Namespace):
     """Model + heads + tree + sampling from parsed flags -> a `MedusaGenerator`."""
-    from medusa_engine.config import SamplingConfig
     from medusa_engine.generate import MedusaGenerator
     from medusa_engine.heads import load_heads
     from medusa_engine.hf_adapter import HFModel, quiet_transformers
@@ -114,9 +131,7 @@ def load_engine(args: argparse.Namespace):
             "--static-step needs greedy decoding (--temperature 0), --lookup 0 and one of our "
             "attention backends (--attention sdpa, flex, triton or reference)"
         )
-    sampling = SamplingConfig(
-        temperature=args.temperature, acceptance=args.acceptance, seed=args.seed
-    )
+    sampling = sampling_config(args, args.seed)
     source = resolve_model(args.model)
     heads_dir: Path | None
     if args.heads == "none":

@@ -72,6 +72,8 @@ class SamplingConfig:
     temperature > 0 with `acceptance="typical"`: Medusa's typical acceptance (Cai et al. 2024,
     Sec. 3.3.1): candidate x is accepted when p(x) > min(epsilon, delta * exp(-H(p))), with
     epsilon = `posterior_threshold`, delta = `posterior_alpha`. Keeps more; not lossless.
+    p is softmax(logits / temperature) restricted to the `top_k` likeliest tokens (0: all), then
+    to the smallest set of them holding `top_p` of the probability (1: all), as in HF `generate`.
     """
 
     temperature: float = 0.0
@@ -79,6 +81,8 @@ class SamplingConfig:
     posterior_threshold: float = 0.09
     posterior_alpha: float = 0.3
     seed: int | None = None
+    top_k: int = 0
+    top_p: float = 1.0
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -89,6 +93,10 @@ class SamplingConfig:
             )
         if not 0 < self.posterior_threshold <= 1 or not 0 < self.posterior_alpha <= 1:
             raise ValueError("posterior_threshold and posterior_alpha must be in (0, 1]")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
     @property
     def greedy(self) -> bool:

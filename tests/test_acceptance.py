@@ -13,6 +13,7 @@ from medusa_engine.acceptance import (
     accept_greedy,
     accept_lossless,
     accept_typical,
+    sampling_logp,
     typical_threshold,
 )
 from medusa_engine.candidates import fill_tree, path_tokens
@@ -116,12 +117,14 @@ DUP_TREE = build_tree([(0,), (1,), (2,), (0, 0), (2, 0)], num_heads=2)
 DUP_TOKENS_N = torch.tensor([0, 1, 2, 1, 3, 2])
 
 
-def lossless_chunks(trials: int, temperature: float = 1.0) -> list[tuple[int, ...]]:
+LOSSLESS = SamplingConfig(temperature=1.0, acceptance="lossless")
+
+
+def lossless_chunks(trials: int, sampling: SamplingConfig = LOSSLESS) -> list[tuple[int, ...]]:
     """The tokens one lossless step emits (kept candidates + next token), `trials` times."""
     gen = torch.Generator().manual_seed(0)
-    logits_NV = (CHAIN[DUP_TOKENS_N].log() * temperature).float()
+    logits_NV = CHAIN[DUP_TOKENS_N].log()
     candidates_PL = path_tokens(DUP_TOKENS_N, DUP_TREE)
-    sampling = SamplingConfig(temperature=temperature, acceptance="lossless")
     chunks = []
     for _ in range(trials):
         best, accepted, nxt = accept_lossless(
@@ -131,8 +134,10 @@ def lossless_chunks(trials: int, temperature: float = 1.0) -> list[tuple[int, ..
     return chunks
 
 
-def worst_deviation(chunks: list[tuple[int, ...]]) -> float:
-    """Largest |empirical - exact| over p(t1), p(t2 | t1 = 1, kept) and p(t3 | 1, 3, kept)."""
+def worst_deviation(chunks: list[tuple[int, ...]], sampling: SamplingConfig = LOSSLESS) -> float:
+    """Largest |empirical - exact| over p(t1), p(t2 | t1 = 1, kept) and p(t3 | 1, 3, kept), p
+    being the chain's rows after the sampling config's temperature / top-k / top-p."""
+    target = sampling_logp(CHAIN.log(), sampling).exp()
     worst = 0.0
     for prefix in [(), (1,), (1, 3)]:
         rows = [
@@ -140,14 +145,56 @@ def worst_deviation(chunks: list[tuple[int, ...]]) -> float:
         ]
         assert len(rows) > 500, (prefix, len(rows))  # enough samples for the bound to mean much
         empirical = torch.bincount(torch.tensor(rows), minlength=4).float() / len(rows)
-        exact = CHAIN[prefix[-1] if prefix else 0]
+        exact = target[prefix[-1] if prefix else 0]
         worst = max(worst, (empirical - exact).abs().max().item())
     return worst
 
 
-def test_lossless_sampling_has_the_base_models_distribution():
+@pytest.mark.parametrize(
+    "sampling",
+    [
+        LOSSLESS,
+        SamplingConfig(temperature=0.7, acceptance="lossless", top_k=3),
+        SamplingConfig(temperature=1.0, acceptance="lossless", top_p=0.6),
+    ],
+    ids=["T1", "T0.7-topk3", "T1-topp0.6"],
+)
+def test_lossless_sampling_has_the_base_models_distribution(sampling):
     # Each conditional has >= 2,000 samples here: sigma <= 0.011; the bound is ~3 sigma.
-    assert worst_deviation(lossless_chunks(12_000)) < 0.035
+    assert worst_deviation(lossless_chunks(12_000, sampling), sampling) < 0.035
+
+
+def test_sampling_filters_match_hf_warpers():
+    from transformers.generation.logits_process import (
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    logits_NV = torch.randn(6, 100, generator=torch.Generator().manual_seed(0)) * 3
+    for t, k, p in [(0.7, 20, 0.9), (1.0, 0, 0.5), (1.3, 5, 1.0), (0.5, 0, 1.0)]:
+        hf = TemperatureLogitsWarper(t)(None, logits_NV.clone())
+        hf = TopKLogitsWarper(k)(None, hf) if k else hf
+        hf = TopPLogitsWarper(p)(None, hf) if p < 1 else hf
+        ours = sampling_logp(logits_NV, SamplingConfig(temperature=t, top_k=k, top_p=p))
+        assert torch.equal(ours.isfinite(), hf.isfinite()), (t, k, p)
+        assert torch.allclose(ours.exp(), hf.softmax(-1), atol=1e-6), (t, k, p)
+        assert ours.isfinite().sum(-1).min() >= 1
+
+
+def test_typical_acceptance_with_filtered_tokens_stays_finite():
+    tree = build_tree([(0,), (1,), (0, 0)], num_heads=2)
+    sampling = SamplingConfig(temperature=1.0, acceptance="typical", top_k=2)
+    gen = torch.Generator().manual_seed(0)
+    logits_NV = torch.randn(tree.num_nodes, 30, generator=gen)
+    allowed_N = logits_NV.topk(2, dim=-1).indices
+    for _ in range(50):
+        candidates_PL = path_tokens(torch.randint(0, 30, (tree.num_nodes,), generator=gen), tree)
+        best, accepted, nxt = accept_typical(
+            logits_NV, candidates_PL, tree.paths_PL, sampling, gen
+        ).tolist()
+        last = int(tree.paths_PL[best, accepted])
+        assert nxt in allowed_N[last].tolist()
 
 
 def test_lossless_sampling_needs_the_first_of_equal_siblings(monkeypatch):

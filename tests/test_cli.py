@@ -62,6 +62,8 @@ def write_tree(tmp_path, content: str):
         (["--model", "stories260k", "--tree", "/nonexistent/tree.json"], "tree file not found"),
         (["--model", "stories260k", "--max-new-tokens", "0"], "must be positive"),
         (["--model", "stories260k", "--temperature", "-1"], "temperature must be >= 0"),
+        (["--model", "stories260k", "--top-p", "0"], "top_p must be in (0, 1]"),
+        (["--model", "stories260k", "--top-k", "-1"], "top_k must be >= 0"),
         (["--model", "stories260k", "--static-step"], "--static-step needs greedy decoding"),
         (["--model", "stories260k", "--tree", "[[0], [0, 0"], "--tree is not valid JSON"),
         (["--model", "stories260k", "--device", "bogus"], "invalid device 'bogus'"),

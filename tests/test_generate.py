@@ -196,3 +196,16 @@ def test_lossless_sampling_keeps_the_models_distribution(stories260k, prompt_ids
         assert n > 300 and ((empirical - exact).abs() <= 4.5 * sigma + 0.01).all(), (
             (empirical - exact).abs().max()
         )
+
+
+@pytest.mark.parametrize("acceptance", ["lossless", "typical"])
+def test_sampling_from_the_top_token_alone_is_greedy(
+    stories260k, prompt_ids, references, acceptance
+):
+    """top_k = 1 leaves one token to sample: any temperature must give greedy's output."""
+    from medusa_engine.config import SamplingConfig
+
+    sampling = SamplingConfig(temperature=1.5, acceptance=acceptance, top_k=1, seed=0)
+    engine = MedusaGenerator(stories260k, random_heads(stories260k), "cpu_16", sampling)
+    for ids, ref in list(zip(prompt_ids, references))[:5]:
+        assert engine.generate(ids, MAX_NEW).token_ids == ref
