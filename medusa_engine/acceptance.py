@@ -127,7 +127,8 @@ def accept_lossless(
     sampling: SamplingConfig,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Lossless sampling: every emitted token is a sample from p = softmax(logits / T).
+    """Lossless sampling: every emitted token is a sample from p = `sampling_logp(logits).exp()`
+    (softmax(logits / T) after the config's top-k / top-p filters).
 
     This is rejection sampling of the tree's drafts (SpecInfer, Miao et al. 2024; EAGLE's
     multi-draft rule) for drafts chosen deterministically (top-k), whose draft distribution is a
