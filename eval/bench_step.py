@@ -192,11 +192,13 @@ def bench_hf_static(model_hf, sizes: Sequence[int], prefix: int, repeats: int, o
     """
     from transformers import StaticCache
 
-    device = model_hf.device
+    from medusa_engine.hf_adapter import cache_keyword
+
+    device, cache_kw = model_hf.device, cache_keyword(model_hf)
     cache = StaticCache(config=model_hf.config, max_cache_len=prefix + max(sizes) + 8)
     ids = torch.randint(3, model_hf.config.vocab_size, (1, prefix), device=device)
     with torch.inference_mode():
-        model_hf(input_ids=ids, past_key_values=cache, use_cache=True)
+        model_hf(input_ids=ids, use_cache=True, **{cache_kw: cache})
     lengths = [
         t for layer in cache.layers if (t := getattr(layer, "cumulative_length", None)) is not None
     ]
@@ -214,7 +216,7 @@ def bench_hf_static(model_hf, sizes: Sequence[int], prefix: int, repeats: int, o
         def call(t: torch.Tensor = tokens, p: torch.Tensor = positions, n: int = size,
                  fn: Any = compiled) -> object:  # fmt: skip
             return fn(input_ids=t, position_ids=p, cache_position=p[0],
-                      past_key_values=cache, use_cache=True, logits_to_keep=n)  # fmt: skip
+                      use_cache=True, logits_to_keep=n, **{cache_kw: cache})  # fmt: skip
 
         try:
             with torch.inference_mode():

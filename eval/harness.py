@@ -7,10 +7,12 @@ Methods (`--methods`, any subset, in this order per prompt):
 * `hf`: `model.generate(do_sample=False)`, the baseline every speedup is relative to;
 * `hf-pld`: HF prompt-lookup decoding (`prompt_lookup_num_tokens=10`), greedy;
 * `medusa`: the engine, greedy, with `--heads` on `--tree` (plus the `--lookup` branch);
-* `medusa-typical`: the engine at `--temperature` (default 0.7) with typical acceptance;
-* `medusa-lossless`: the same with lossless acceptance (the output is distributed as plain
-  sampling at that temperature). Sampling methods reseed their sampler per prompt (`--seed` +
-  prompt index), so each answer is reproducible.
+* `hf-sample`: `model.generate(do_sample=True)` at `--temperature` (default 0.7), `--top-k`,
+  `--top-p`: the like-for-like baseline of the sampling methods;
+* `medusa-typical`: the engine at those settings with typical acceptance;
+* `medusa-lossless`: the same with lossless acceptance (the output is distributed as
+  `hf-sample`'s). Sampling methods reseed their sampler per prompt (`--seed` + prompt index), so
+  each answer is reproducible.
 
 All methods share one loaded model and run in one process, interleaved (for each prompt, every
 method), after one warm-up call each; device work is synchronised before each clock read. Greedy
@@ -48,10 +50,11 @@ from eval import metrics, report
 from eval.prompts import Prompt, load_prompts
 from eval.timing import MEMORY_SOURCES, HFStepClock, PeakMemory, first_item_time, sync
 from medusa_engine.cli import CLIError, add_model_args, encode_prompt, load_engine, sampling_config
+from medusa_engine.config import SamplingConfig
 from medusa_engine.trees import TREE_PRESETS
 
-METHODS = ("hf", "hf-pld", "medusa", "medusa-typical", "medusa-lossless")
-SAMPLED = {"medusa-typical": "typical", "medusa-lossless": "lossless"}  # method -> acceptance
+METHODS = ("hf", "hf-pld", "medusa", "hf-sample", "medusa-typical", "medusa-lossless")
+SAMPLED = {"hf-sample": None, "medusa-typical": "typical", "medusa-lossless": "lossless"}
 GREEDY = ("hf", "hf-pld", "medusa")
 BASELINE = "hf"
 PLD_TOKENS = 10
@@ -163,7 +166,6 @@ def _run(args: argparse.Namespace) -> int:
 def _methods(
     args: argparse.Namespace, methods: list[str], sweep: list[str], greedy
 ) -> list[Method]:
-    from medusa_engine.config import SamplingConfig
     from medusa_engine.generate import MedusaGenerator
 
     model = greedy.model
@@ -174,15 +176,18 @@ def _methods(
         out.append(Method("hf-pld", _hf_call(model, PLD_TOKENS)))
     if "medusa" in methods:
         out.append(Method("medusa", _engine_call(greedy), greedy, tree=str(args.tree)))
-    for label, rule in SAMPLED.items():
+    for label, rule in SAMPLED.items():  # rule: the engine's acceptance; None = HF's sampling
         if label not in methods:
             continue
         if args.temperature <= 0:
             raise CLIError(f"{label} needs --temperature > 0")
         seed = 0 if args.seed is None else args.seed
-        sampling = replace(sampling_config(args, seed), acceptance=rule)
-        engine = MedusaGenerator(model, greedy.drafter, greedy.tree, sampling,
-                                 lookup=greedy.lookup)  # fmt: skip
+        sampling = sampling_config(args, seed)
+        if rule is None:
+            out.append(Method(label, _hf_call(model, None, sampling), seed=seed))
+            continue
+        engine = MedusaGenerator(model, greedy.drafter, greedy.tree,
+                                 replace(sampling, acceptance=rule), lookup=greedy.lookup)  # fmt: skip
         out.append(Method(label, _engine_call(engine), engine, seed, str(args.tree)))
     for name in sweep:
         if name == str(args.tree) and "medusa" in methods:
@@ -194,9 +199,12 @@ def _methods(
     return out
 
 
-def _hf_call(model, pld_tokens: int | None):
+def _hf_call(model, pld_tokens: int | None, sampling: SamplingConfig | None = None):
     pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
-    extra = {"prompt_lookup_num_tokens": pld_tokens} if pld_tokens else {}
+    extra: dict[str, Any] = {"prompt_lookup_num_tokens": pld_tokens} if pld_tokens else {}
+    extra["do_sample"] = sampling is not None
+    if sampling is not None:  # every setting explicit: the model's generation_config has its own
+        extra |= dict(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p)
 
     @torch.inference_mode()
     def call(ids: list[int], max_new_tokens: int) -> tuple[list[int], float | None, list[int]]:
@@ -204,7 +212,7 @@ def _hf_call(model, pld_tokens: int | None):
         clock = HFStepClock(time.perf_counter())
         out = model.model.generate(
             input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
-            do_sample=False, pad_token_id=pad, streamer=clock, **extra,
+            pad_token_id=pad, streamer=clock, **extra,
         )  # fmt: skip
         return out[0, len(ids) :].tolist(), clock.ttft_s, clock.step_tokens
 
@@ -227,8 +235,8 @@ def _engine_call(engine):
 def _measure(
     m: Method, index: int, prompt: Prompt, ids: list[int], max_new_tokens: int, device
 ) -> metrics.PromptRun:
-    if m.seed is not None:
-        m.engine.generator.manual_seed(m.seed + index)
+    if m.seed is not None:  # the engine's own sampler, or the global one HF `generate` uses
+        (m.engine.generator if m.engine is not None else torch).manual_seed(m.seed + index)
     with PeakMemory(device) as mem:
         sync(device)
         start = time.perf_counter()

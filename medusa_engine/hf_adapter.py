@@ -143,6 +143,13 @@ class KVSession:
         return len(self.token_ids)
 
 
+def cache_keyword(module: torch.nn.Module) -> str:
+    """The name a transformers model's forward takes its cache by: `cache` from 5.24 on
+    (`past_key_values` is deprecated there), `past_key_values` before."""
+    params = inspect.signature(module.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
 class HFModel:
     """A causal LM from transformers, seen as decoder + LM head over an explicit KV cache."""
 
@@ -167,8 +174,7 @@ class HFModel:
         self.lm_head = model.get_output_embeddings()
         if self.decoder is None or self.lm_head is None:
             raise ValueError(f"{type(model).__name__} exposes no decoder / output embeddings")
-        params = inspect.signature(self.decoder.forward).parameters
-        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._cache_kw = cache_keyword(self.decoder)
         text_config = self.config.get_text_config(decoder=True)
         self.text_config = text_config
         self.hidden_size = int(text_config.hidden_size)

@@ -106,13 +106,21 @@ def test_bench_end_to_end_on_stories260k(capsys, tmp_path):
     code = harness.main([
         "--model", "stories260k", "--heads", str(tmp_path / "heads"), "--dtype", "fp32",
         "--prompts", str(prompts), "--max-new-tokens", "16", "--tree-sweep", "cpu_8,cpu_16",
-        "--methods", "hf,hf-pld,medusa,medusa-typical,medusa-lossless", "--out", str(out), "--threads", "1",
+        "--methods", "hf,hf-pld,medusa,hf-sample,medusa-typical,medusa-lossless", "--out", str(out), "--threads", "1",
         "--lookup", "0",
     ])  # fmt: skip
     stdout = capsys.readouterr().out
     assert code == 0
     line = json.loads(stdout.strip().splitlines()[-1])
-    methods = ["hf", "hf-pld", "medusa", "medusa-typical", "medusa-lossless", "medusa@cpu_8"]
+    methods = [
+        "hf",
+        "hf-pld",
+        "medusa",
+        "hf-sample",
+        "medusa-typical",
+        "medusa-lossless",
+        "medusa@cpu_8",
+    ]
     expected = {f"{m}.jsonl" for m in methods} | {"summary.json", "summary.md"}
     expected |= {"speedup_by_category.png", "accept_lengths.png", "tree_sweep.png"}
     assert expected <= {p.name for p in out.iterdir()}
@@ -122,7 +130,7 @@ def test_bench_end_to_end_on_stories260k(capsys, tmp_path):
     assert line["methods"]["medusa"]["greedy_mismatches"] == 0
     assert res["medusa@cpu_8"]["mismatches"]["count"] == 0
     assert res["medusa-typical"]["mismatches"] is None
-    assert res["medusa-lossless"]["mismatches"] is None
+    assert res["medusa-lossless"]["mismatches"] is None and res["hf-sample"]["mismatches"] is None
     agree = summary["agreeing"]  # the greedy methods only (sampling has no text to agree on)
     assert set(agree["results"]) == {"hf", "hf-pld", "medusa", "medusa@cpu_8"} and agree["of"] == 3
     assert agree["prompts"] == 3 - len(res["hf-pld"]["mismatches"]["first_diff"])
