@@ -43,12 +43,18 @@ def accept_greedy(
     pred_PL = pred_N[paths_PL]  # -1 padding reads the last node; never compared to a real token
     match_PL = candidates_PL[:, 1:] == pred_PL[:, :-1]
     accepted_P = match_PL.to(torch.int64).cumprod(dim=1).sum(dim=1)
-    # 1-element index tensors throughout: indexing with a 0-d tensor reads it on the host, which
-    # would sync (and break CUDA-graph capture of the step).
-    best_1 = accepted_P.argmax(dim=0, keepdim=True)
-    accepted_1 = accepted_P.gather(0, best_1)
-    last_1 = paths_PL.index_select(0, best_1)[0].gather(0, accepted_1)
+    best_1, accepted_1, last_1 = best_path(accepted_P, accepted_P, paths_PL)
     return torch.cat([best_1, accepted_1, pred_N.gather(0, last_1)])
+
+
+def best_path(
+    score_P: torch.Tensor, accepted_P: torch.Tensor, paths_PL: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(best path, its accepted length, its last kept node), each a 1-element tensor: indexing
+    with a 0-d tensor reads it on the host, which would sync (and break CUDA-graph capture)."""
+    best_1 = score_P.argmax(dim=0, keepdim=True)
+    accepted_1 = accepted_P.gather(0, best_1)
+    return best_1, accepted_1, paths_PL.index_select(0, best_1)[0].gather(0, accepted_1)
 
 
 def typical_threshold(logits_NV: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
@@ -85,9 +91,7 @@ def accept_typical(
     accepted_P = kept_PL1.sum(dim=1)
     loglik_P = torch.where(kept_PL1 > 0, logp_child_PL1, 0.0).sum(dim=1)  # -inf where filtered
     score_P = torch.where(accepted_P == accepted_P.max(), loglik_P, float("-inf"))
-    best_1 = score_P.argmax(dim=0, keepdim=True)  # 1-element indices: no host sync (see greedy)
-    accepted_1 = accepted_P.gather(0, best_1)
-    last_1 = paths_PL.index_select(0, best_1)[0].gather(0, accepted_1)
+    best_1, accepted_1, last_1 = best_path(score_P, accepted_P, paths_PL)
     next_1 = torch.multinomial(logp_NV.index_select(0, last_1)[0].exp(), 1, generator=generator)
     return torch.cat([best_1, accepted_1, next_1])
 
@@ -161,9 +165,7 @@ def accept_lossless(
     padded_N = torch.cat([moved_N, moved_N.new_zeros(1)])  # path padding (-1) reads False
     match_PL1 = padded_N[paths_PL[:, 1:]]
     accepted_P = match_PL1.to(torch.int64).cumprod(dim=1).sum(dim=1)
-    best_1 = accepted_P.argmax(dim=0, keepdim=True)  # 1-element indices: no host sync
-    accepted_1 = accepted_P.gather(0, best_1)
-    last_1 = paths_PL.index_select(0, best_1)[0].gather(0, accepted_1)
+    best_1, accepted_1, last_1 = best_path(accepted_P, accepted_P, paths_PL)
     # The residual at the stopping node: p without its children's tokens.
     probs_V = logp_NV.index_select(0, last_1)[0].exp()
     children_N = (parent_N == last_1) & (token_N >= 0)
