@@ -58,7 +58,8 @@ def best_path(
 
 
 def typical_threshold(logits_NV: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
-    """Medusa's per-node threshold min(epsilon, delta * exp(-H(p))) with p = softmax(logits / T)."""
+    """Medusa's per-node threshold min(epsilon, delta * exp(-H(p))), p = the sampling
+    distribution (`sampling_logp`: softmax(logits / T) after top-k / top-p)."""
     return _threshold(sampling_logp(logits_NV, sampling), sampling)
 
 
@@ -78,8 +79,8 @@ def accept_typical(
 ) -> torch.Tensor:
     """Typical acceptance (Medusa, Sec. 3.3.1): keep candidate x while p(x) > threshold.
 
-    Among the longest accepted prefixes the most likely one wins; the next token is sampled from
-    softmax(logits / T) at the last kept node.
+    p is `sampling_logp`'s distribution. Among the longest accepted prefixes the most likely one
+    wins; the next token is sampled from p at the last kept node.
     """
     logp_NV = sampling_logp(logits_NV, sampling)
     threshold_N = _threshold(logp_NV, sampling)

@@ -17,7 +17,8 @@ PAD_TOKEN = -1  # stands in for "no node" in padded paths; never equals a real t
 def choose_token(
     logits_V: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """The base model's next token (0-d int64): argmax, or a sample from softmax(logits / T)."""
+    """The base model's next token (0-d int64): argmax, or a sample from `sampling_logp`'s
+    distribution (softmax(logits / T) after top-k / top-p)."""
     if sampling.greedy:
         return logits_V.argmax(-1)
     probs_V = sampling_logp(logits_V, sampling).exp()
