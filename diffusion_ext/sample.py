@@ -24,8 +24,6 @@ from diffusion_ext.guidance import clip_denoised, model_denoiser
 from diffusion_ext.samplers import sample
 from diffusion_ext.schedules import get_process
 
-logger = logging.getLogger(__name__)
-
 DEFAULT_CHECKPOINT = Path(__file__).parent / "assets" / "dit_digits_ema.safetensors"
 
 

@@ -78,11 +78,11 @@ class MethodStats:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from medusa_engine.cli import encode_prompt
     from medusa_engine.config import HeadsConfig
-    from medusa_engine.generate import MedusaGenerator
-    from medusa_engine.heads import MedusaHeads, load_heads
-    from medusa_engine.hf_adapter import HFModel, quiet_transformers
+    from medusa_engine.engine import build_engine
+    from medusa_engine.heads import MedusaHeads
+    from medusa_engine.heads_io import load_heads
+    from medusa_engine.hf_adapter import HFModel, encode_prompt, quiet_transformers
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="smollm2-135m-instruct")
@@ -112,8 +112,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     model.forward = forward_t.wrap(model.forward)  # type: ignore[method-assign]
     model.logits = logits_t.wrap(model.logits)  # type: ignore[method-assign]
     engines = {
-        "engine-plain": MedusaGenerator(model, None, "plain"),
-        "engine-medusa": MedusaGenerator(model, heads, args.tree),
+        "engine-plain": build_engine(model, None, "plain"),
+        "engine-medusa": build_engine(model, heads, args.tree),
     }
     prompts = [
         encode_prompt(model.tokenizer, t, raw=False) for t in mt_bench_first_turns(args.limit)

@@ -8,7 +8,7 @@ of `--prefix` tokens, with 1 new token (plain decoding) and with trees of 16/32/
   `attention="hf"` path, i.e. what HF assisted generation does);
 * `hf-static-compiled`: transformers' `StaticCache` with the forward under
   `torch.compile(mode="reduce-overhead")` (CUDA graphs) - failures are reported, not hidden;
-* `engine-<backend>`: the engine's full verification step (`MedusaGenerator._step`: heads,
+* `engine-<backend>`: the engine's full verification step (`MedusaGenerator.step`: heads,
   candidates, forward, acceptance, compaction) on our attention backend over the static cache;
 * `engine-graph-<backend>`: the same step as a `StaticStep` (static shapes, bookkeeping on the
   device) captured in one CUDA graph per tree size; timed per step with the state load, the
@@ -32,7 +32,6 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
-from functools import partial
 from typing import Any
 
 import torch
@@ -91,33 +90,33 @@ def _engine_model(model_hf, attention: str):
 
 
 def _prefilled_engine(model_hf, attention: str, sizes: Sequence[int], prefix: int):
-    """(model, engine with 4 random Medusa heads, session, hidden_E, root) after a prefill of
+    """(model, engine with 4 random Medusa heads, session, decode state) after a prefill of
     `prefix` random tokens into a cache sized for the largest tree."""
     from medusa_engine.config import HeadsConfig
-    from medusa_engine.generate import MedusaGenerator
+    from medusa_engine.engine import build_engine
     from medusa_engine.heads import MedusaHeads
+    from medusa_engine.model import DecodeState
 
     model = _engine_model(model_hf, attention)
     heads = MedusaHeads(HeadsConfig(4, 1, model.hidden_size, model.vocab_size))
-    engine = MedusaGenerator(model, heads, "plain")
+    engine = build_engine(model, heads, "plain")
     ids = torch.randint(3, model.vocab_size, (prefix,), generator=torch.Generator().manual_seed(0))
     session = model.new_session(capacity=prefix + max(sizes) + 8)
-    hidden_E, root = engine._prefill(ids.tolist(), session)
-    return model, engine, session, hidden_E.clone(), root
+    state = engine.prefill(ids.tolist(), session)
+    return model, engine, session, DecodeState(state.hidden_E.clone(), state.root)
 
 
 def _engine_steps(model_hf, attention: str, sizes: Sequence[int], prefix: int):
     """(size, step) for the engine's eager verification step (all of it) at each tree size."""
     from medusa_engine.tune import synthetic_tree
 
-    model, engine, session, hidden_E, root = _prefilled_engine(model_hf, attention, sizes, prefix)
+    model, engine, session, state = _prefilled_engine(model_hf, attention, sizes, prefix)
     for size in sizes:
         engine.set_tree(synthetic_tree(size, 4))
 
         def step() -> None:
-            engine._step(hidden_E, root, session)
-            model.keep(session, 0, None, prefix)
-            del session.token_ids[prefix:]
+            engine.step(state, session)
+            session.truncate(prefix)
 
         yield size, step
     model.restore()  # give the model back as it came
@@ -173,11 +172,16 @@ def bench_engine_graph(model_hf, attention: str, sizes: Sequence[int], prefix: i
     from medusa_engine.static_step import StaticStep
     from medusa_engine.tune import synthetic_tree
 
-    model, engine, session, hidden_E, root = _prefilled_engine(model_hf, attention, sizes, prefix)
+    model, engine, session, state = _prefilled_engine(model_hf, attention, sizes, prefix)
     for size in sizes:
         tree = synthetic_tree(size, 4)
         step = StaticStep(model, engine.drafter if size > 1 else None, tree, session)
-        out[size] = _timed(partial(step.run, hidden_E, root, prefix), model.device, repeats)
+
+        def run(step: StaticStep = step) -> None:
+            step.run(state)
+            session.truncate(prefix)
+
+        out[size] = _timed(run, model.device, repeats)
     model.restore()  # give the model back as it came
 
 
@@ -305,7 +309,7 @@ def bench_engine_forward_only(model_hf, sizes: Sequence[int], prefix: int, repea
     ids = torch.randint(3, model.vocab_size, (prefix,), device=model.device)
     session = model.new_session()
     model.forward(ids, torch.arange(prefix, device=model.device), session)
-    session.token_ids.extend(ids.tolist())
+    session.commit(0, ids.tolist())
     for size in sizes:
         tree = synthetic_tree(size, 4).to(model.device)
         tokens = torch.randint(3, model.vocab_size, (size,), device=model.device)
@@ -315,7 +319,7 @@ def bench_engine_forward_only(model_hf, sizes: Sequence[int], prefix: int, repea
                 x, t.depth_N + prefix, session, t.mask_NN if t.num_nodes > 1 else None
             )
             model.logits(hidden)
-            model.keep(session, 0, None, prefix)
+            session.truncate(prefix)
 
         out[size] = _timed(step, model.device, repeats)
 

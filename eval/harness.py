@@ -49,9 +49,14 @@ import torch
 from eval import metrics, report
 from eval.prompts import Prompt, load_prompts
 from eval.timing import MEMORY_SOURCES, HFStepClock, PeakMemory, first_item_time, sync
-from medusa_engine.cli import CLIError, add_model_args, encode_prompt, load_engine, sampling_config
+from medusa_engine.cli import CLIError, add_model_args, engine_config, progress
 from medusa_engine.config import SamplingConfig
-from medusa_engine.trees import TREE_PRESETS
+from medusa_engine.engine import heads_folder, load_engine, tree_value
+from medusa_engine.generate import GenerationResult, MedusaGenerator
+from medusa_engine.hf_adapter import encode_prompt
+from medusa_engine.models import resolve_model
+from medusa_engine.tree import InvalidTreeError
+from medusa_engine.tree_spec import parse_tree
 
 METHODS = ("hf", "hf-pld", "medusa", "hf-sample", "medusa-typical", "medusa-lossless")
 SAMPLED = {"hf-sample": None, "medusa-typical": "typical", "medusa-lossless": "lossless"}
@@ -60,7 +65,6 @@ BASELINE = "hf"
 PLD_TOKENS = 10
 REPO = Path(__file__).resolve().parent.parent
 
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -93,6 +97,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--threads", type=int, default=None, help="torch intra-op threads (default: torch's)"
     )
+
+
+def register(subparsers: Any) -> None:
+    """Add `bench` to the `medusa-engine` command (the `medusa_engine.commands` entry point)."""
+    bench = subparsers.add_parser(
+        "bench", help="throughput and acceptance benchmark against baselines"
+    )
+    add_arguments(bench)
+    bench.set_defaults(func=run)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,16 +144,18 @@ def _run(args: argparse.Namespace) -> int:
     if unknown or not methods:
         raise CLIError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
     sweep = list(dict.fromkeys(_split(args.tree_sweep or "")))
-    if [t for t in sweep if t not in TREE_PRESETS and not t.startswith("dynamic:")]:
-        raise CLIError(f"--tree-sweep takes preset names ({', '.join(TREE_PRESETS)}) or dynamic:N")
     prompts = load_prompts(args.prompts, args.limit)
     if not prompts:
         raise CLIError("no prompts to run (--limit 0?)")
-    greedy_args = argparse.Namespace(**{**vars(args), "temperature": 0.0})
-    greedy_engine = load_engine(greedy_args)
-    args.tree = greedy_args.tree  # "default" resolved to the heads' tree.json or the preset
+    config = engine_config(args)
+    greedy_engine = load_engine(replace(config, sampling=SamplingConfig()), progress)
+    try:
+        sweep_trees = {name: parse_tree(name, greedy_engine.drafter) for name in sweep}
+    except InvalidTreeError as err:
+        raise CLIError(f"--tree-sweep: {err}") from None
+    tree = tree_value(config.tree, heads_folder(config.heads, resolve_model(config.model)))
     model = greedy_engine.model
-    runners = _methods(args, methods, sweep, greedy_engine)
+    runners = _methods(args, methods, tree, sweep_trees, greedy_engine)
     encoded = [encode_prompt(model.tokenizer, p.text, args.raw) for p in prompts]
     load_start = os.getloadavg()
     for m in runners:  # warm-up: one short call each, not measured
@@ -164,10 +179,8 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _methods(
-    args: argparse.Namespace, methods: list[str], sweep: list[str], greedy
+    args: argparse.Namespace, methods: list[str], tree: str, sweep: dict[str, Any], greedy
 ) -> list[Method]:
-    from medusa_engine.generate import MedusaGenerator
-
     model = greedy.model
     out: list[Method] = []
     if "hf" in methods:
@@ -175,25 +188,30 @@ def _methods(
     if "hf-pld" in methods:
         out.append(Method("hf-pld", _hf_call(model, PLD_TOKENS)))
     if "medusa" in methods:
-        out.append(Method("medusa", _engine_call(greedy), greedy, tree=str(args.tree)))
+        out.append(Method("medusa", _engine_call(greedy), greedy, tree=tree))
     for label, rule in SAMPLED.items():  # rule: the engine's acceptance; None = HF's sampling
         if label not in methods:
             continue
         if args.temperature <= 0:
             raise CLIError(f"{label} needs --temperature > 0")
         seed = 0 if args.seed is None else args.seed
-        sampling = sampling_config(args, seed)
+        sampling = replace(engine_config(args).sampling, seed=seed)
         if rule is None:
             out.append(Method(label, _hf_call(model, None, sampling), seed=seed))
             continue
-        engine = MedusaGenerator(model, greedy.drafter, greedy.tree,
-                                 replace(sampling, acceptance=rule), lookup=greedy.lookup)  # fmt: skip
-        out.append(Method(label, _engine_call(engine), engine, seed, str(args.tree)))
-    for name in sweep:
-        if name == str(args.tree) and "medusa" in methods:
+        engine = MedusaGenerator(
+            model,
+            greedy.drafter,
+            greedy.tree,
+            replace(sampling, acceptance=rule),
+            lookup=greedy.lookup,
+        )
+        out.append(Method(label, _engine_call(engine), engine, seed, tree))
+    for name, resolved in sweep.items():
+        if name == tree and "medusa" in methods:
             continue  # the `medusa` runs are this tree's
         engine = MedusaGenerator(
-            model, greedy.drafter, name, SamplingConfig(), lookup=greedy.lookup
+            model, greedy.drafter, resolved, SamplingConfig(), lookup=greedy.lookup
         )
         out.append(Method(f"medusa@{name}", _engine_call(engine), engine, tree=name))
     return out
@@ -220,8 +238,6 @@ def _hf_call(model, pld_tokens: int | None, sampling: SamplingConfig | None = No
 
 
 def _engine_call(engine):
-    from medusa_engine.generate import GenerationResult
-
     def call(ids: list[int], max_new_tokens: int) -> tuple[list[int], float | None, list[int]]:
         result = GenerationResult()
         ttft = first_item_time(

@@ -1,38 +1,22 @@
 """Acceptance rules: which prefix of which tree path the base model keeps (pure).
 
-Shape legend: N = tree nodes incl. the root, V = vocabulary, P = root-to-leaf paths,
-L = max depth + 1.
+Shape legend (ARCHITECTURE.md): N tree nodes incl. the root, V vocabulary, P root-to-leaf paths,
+L path length (max depth + 1).
 
-Every rule returns one int64 tensor `[best_path, accepted, next_token]`, so the caller syncs with
-the host once per step: `accepted` counts candidates kept beyond the root along `best_path`, and
-`next_token` is the base model's token after the last kept node (the "bonus" token, the root of
-the next tree).
+Every rule returns one int64 tensor `[best_path, accepted, next_token]` on the device: `accepted`
+counts candidates kept beyond the root along `best_path`, and `next_token` is the base model's
+token after the last kept node (the "bonus" token, the root of the next tree). `decide` reads it,
+with the kept path's nodes and tokens, in one host transfer: the decode step's one sync.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from medusa_engine.config import SamplingConfig
-
-
-def sampling_logp(logits_NV: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
-    """log p of the distribution tokens are sampled from: softmax(logits / T) after top-k, then
-    top-p (nucleus) filtering, in that order, as HF's warpers do; float32, -inf where filtered."""
-    logits_NV = logits_NV.float() / sampling.temperature
-    vocab = logits_NV.shape[-1]
-    if 0 < sampling.top_k < vocab:
-        kth_N1 = logits_NV.topk(sampling.top_k, dim=-1).values[..., -1:]
-        logits_NV = logits_NV.masked_fill(logits_NV < kth_N1, float("-inf"))
-    if sampling.top_p < 1.0:
-        sorted_NV, order_NV = logits_NV.sort(dim=-1, descending=True)
-        probs_NV = sorted_NV.softmax(dim=-1)
-        before_NV = probs_NV.cumsum(dim=-1) - probs_NV  # mass of the likelier tokens
-        drop_NV = torch.zeros_like(before_NV, dtype=torch.bool).scatter(
-            -1, order_NV, before_NV >= sampling.top_p
-        )
-        logits_NV = logits_NV.masked_fill(drop_NV, float("-inf"))
-    return torch.log_softmax(logits_NV, dim=-1)
+from medusa_engine.sampling import sampling_logp
 
 
 def accept_greedy(
@@ -143,8 +127,8 @@ def accept_lossless(
     probabilities) and stops with the rest; the stopping node's next token is drawn from p_n
     without its children's tokens. Each emitted token therefore has the distribution of plain
     sampling at temperature T, whatever the heads propose; they only change how many tokens a
-    step keeps. Only one full-vocabulary draw is made per step (a draw for every node costs
-    ~30 ms on a CPU at 25 nodes x 49k tokens).
+    step keeps. Only one full-vocabulary draw is made per step: one per node would cost more than
+    a CPU verification step.
     """
     num_nodes = logits_NV.shape[0]
     logp_NV = sampling_logp(logits_NV, sampling)
@@ -194,3 +178,41 @@ def accept(
     if sampling.acceptance == "lossless":
         return accept_lossless(logits_NV, candidates_PL, paths_PL, sampling, generator)
     return accept_typical(logits_NV, candidates_PL, paths_PL, sampling, generator)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What one verification step keeps: tree `nodes` (root first) holding `tokens`, and the
+    base model's `next_token` after them."""
+
+    nodes: list[int]
+    tokens: list[int]
+    next_token: int
+
+    @property
+    def emitted(self) -> list[int]:
+        """The tokens the step emits: the accepted candidates, then the bonus token."""
+        return [*self.tokens[1:], self.next_token]
+
+
+def decide(
+    logits_NV: torch.Tensor,
+    candidates_PL: torch.Tensor,
+    paths_PL: torch.Tensor,
+    sampling: SamplingConfig,
+    generator: torch.Generator | None = None,
+) -> Decision:
+    """`accept`, then the kept path read on the host in one transfer."""
+    decision_3 = accept(logits_NV, candidates_PL, paths_PL, sampling, generator)
+    best_1 = decision_3[0:1]  # a 0-d index would be read on the host: a second sync
+    row = torch.cat(
+        [
+            decision_3[1:],
+            paths_PL.index_select(0, best_1)[0],
+            candidates_PL.index_select(0, best_1)[0],
+        ]
+    ).tolist()
+    accepted, next_token, width = row[0], row[1], paths_PL.shape[1]
+    nodes = row[2 : 3 + accepted]
+    tokens = row[2 + width : 3 + width + accepted]
+    return Decision(nodes, tokens, next_token)

@@ -1,32 +1,20 @@
-"""Choose the root token, fill a tree from head logits, list its paths' tokens (pure).
+"""Fill a tree from draft-head logits, list its paths' tokens (pure).
 
-Shape legend: K = heads, V = vocabulary, N = tree nodes incl. the root, P = paths, L = depth + 1.
+Shape legend (ARCHITECTURE.md): J draft heads, V vocabulary, R top-k ranks, N tree nodes incl.
+the root, P root-to-leaf paths, L path length (max depth + 1).
 """
 
 from __future__ import annotations
 
 import torch
 
-from medusa_engine.acceptance import sampling_logp
-from medusa_engine.config import SamplingConfig
 from medusa_engine.tree import TreeBuffers
 
 PAD_TOKEN = -1  # stands in for "no node" in padded paths; never equals a real token
 
 
-def choose_token(
-    logits_V: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """The base model's next token (0-d int64): argmax, or a sample from `sampling_logp`'s
-    distribution (softmax(logits / T) after top-k / top-p)."""
-    if sampling.greedy:
-        return logits_V.argmax(-1)
-    probs_V = sampling_logp(logits_V, sampling).exp()
-    return torch.multinomial(probs_V, 1, generator=generator)[0]
-
-
 def fill_tree(
-    root: torch.Tensor, logits_KV: torch.Tensor | None, tree: TreeBuffers
+    root: torch.Tensor, logits_JV: torch.Tensor | None, tree: TreeBuffers
 ) -> torch.Tensor:
     """tree_tokens_N from the root and path-independent head logits (the Medusa rule).
 
@@ -36,11 +24,11 @@ def fill_tree(
     root_1 = root.reshape(1)
     if tree.num_nodes == 1:
         return root_1
-    if logits_KV is None or logits_KV.shape[0] < tree.num_heads:
-        got = 0 if logits_KV is None else logits_KV.shape[0]
+    if logits_JV is None or logits_JV.shape[0] < tree.num_heads:
+        got = 0 if logits_JV is None else logits_JV.shape[0]
         raise ValueError(f"tree needs {tree.num_heads} heads, the drafter gave {got}")
-    topk_KR = torch.topk(logits_KV[: tree.num_heads], tree.top_k, dim=-1).indices
-    pool = torch.cat([root_1, topk_KR.flatten()])
+    topk_JR = torch.topk(logits_JV[: tree.num_heads], tree.top_k, dim=-1).indices
+    pool = torch.cat([root_1, topk_JR.flatten()])
     return pool[tree.topk_index_N]
 
 

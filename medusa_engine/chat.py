@@ -11,13 +11,12 @@ reply being written (the program goes on); end of input exits cleanly.
 
 from __future__ import annotations
 
-import argparse
-import sys
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from medusa_engine.generate import GenerationResult, MedusaGenerator
-from medusa_engine.hf_adapter import ContextOverflowError
+from medusa_engine.hf_adapter import encode_chat, has_chat_template
+from medusa_engine.model import ContextOverflowError
 
 HELP = "commands: /reset  /stats  /quit   (Ctrl-C stops a reply, Ctrl-D exits)"
 
@@ -51,18 +50,10 @@ class Conversation:
     messages: list[dict[str, str]] = field(default_factory=list)
     raw_ids: list[int] = field(default_factory=list)  # plain-text mode: the ids so far
 
-    @property
-    def templated(self) -> bool:
-        return bool(getattr(self.tokenizer, "chat_template", None))
-
     def with_user(self, text: str) -> list[int]:
         """Token ids of the conversation plus a new user message, ready for the reply."""
-        if self.templated:
-            msgs = [*self.messages, {"role": "user", "content": text}]
-            ids = self.tokenizer.apply_chat_template(
-                msgs, add_generation_prompt=True, tokenize=True
-            )
-            return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        if has_chat_template(self.tokenizer):
+            return encode_chat(self.tokenizer, [*self.messages, {"role": "user", "content": text}])
         if self.raw_ids:
             return self.raw_ids + self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return list(self.tokenizer(text)["input_ids"])
@@ -112,6 +103,9 @@ class ChatLoop:
             except KeyboardInterrupt:  # Ctrl-C at the prompt clears the line
                 self.say()
                 continue
+            except UnicodeDecodeError:  # bytes that are not text: the conversation goes on
+                self.say(self.dim("(that line was not valid UTF-8 text; type it again)"))
+                continue
             if not line:  # end of input
                 self.say()
                 return 0
@@ -156,14 +150,9 @@ class ChatLoop:
         self.conversation.commit(text, prompt_ids, result.token_ids, shown)
         self.stats.add(result)
         note = " · context full, /reset" if result.finish_reason == "context" else ""
-        self.say(self.dim(
-            f"[{len(result.token_ids)} tokens · {result.tokens_per_s:.1f} tok/s · "
-            f"τ={result.mean_accepted:.2f}{note}]"
-        ))  # fmt: skip
-
-
-def run(args: argparse.Namespace) -> int:
-    from medusa_engine.cli import load_engine
-
-    engine = load_engine(args)
-    return ChatLoop(engine, args.max_new_tokens, sys.stdin, sys.stdout).run()
+        self.say(
+            self.dim(
+                f"[{len(result.token_ids)} tokens · {result.tokens_per_s:.1f} tok/s · "
+                f"τ={result.mean_accepted:.2f}{note}]"
+            )
+        )

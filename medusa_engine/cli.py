@@ -11,16 +11,22 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from importlib.metadata import entry_points
 from pathlib import Path
 
-from attention.api import BACKENDS
-from medusa_engine.config import ACCEPTANCE_RULES, SamplingConfig
+from medusa_engine.config import (
+    ACCEPTANCE_RULES,
+    ATTENTION_CHOICES,
+    DEFAULT_LOOKUP,
+    DTYPE_CHOICES,
+    EngineConfig,
+    SamplingConfig,
+)
 from medusa_engine.models import DEFAULT_MODEL, ModelNotFoundError
-from medusa_engine.trees import DEFAULT_LOOKUP, DEFAULT_TREE
-
-ATTENTION_CHOICES = ("hf", *BACKENDS)  # as hf_adapter.ATTENTION_CHOICES, without transformers
+from medusa_engine.trees import DEFAULT_TREE
 
 EXIT_USAGE = 2
+COMMANDS_GROUP = "medusa_engine.commands"  # entry points adding subcommands (eval adds `bench`)
 
 
 class CLIError(Exception):
@@ -28,12 +34,19 @@ class CLIError(Exception):
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from medusa_engine.heads import HeadsError
-    from medusa_engine.hf_adapter import ContextOverflowError
+    from medusa_engine.config import HeadsError
+    from medusa_engine.model import ContextOverflowError
     from medusa_engine.tree import InvalidTreeError
 
-    return (CLIError, ModelNotFoundError, HeadsError, InvalidTreeError, ContextOverflowError,
-            ValueError, OSError)  # fmt: skip
+    return (
+        CLIError,
+        ModelNotFoundError,
+        HeadsError,
+        InvalidTreeError,
+        ContextOverflowError,
+        ValueError,
+        OSError,
+    )
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -56,7 +69,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         "'dynamic:N[:TOPK[:BEAM[:DEPTH]]]' (N nodes shaped each step by the heads' confidence, as in "
         f"EAGLE-2), or 'default': the heads' own tree.json if they have one, else {DEFAULT_TREE}",
     )
-    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    p.add_argument("--dtype", default="auto", choices=list(DTYPE_CHOICES))
     p.add_argument(
         "--attention",
         default="hf",
@@ -110,67 +123,52 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 def sampling_config(args: argparse.Namespace, seed: int | None) -> SamplingConfig:
     """The sampling flags as a config (a bad value raises ValueError: a one-line error)."""
     return SamplingConfig(
-        temperature=args.temperature, acceptance=args.acceptance, seed=seed,
-        top_k=args.top_k, top_p=args.top_p,
-    )  # fmt: skip
-
-
-def load_engine(args: argparse.Namespace):
-    """Model + heads + tree + sampling from parsed flags -> a `MedusaGenerator`."""
-    from medusa_engine.generate import MedusaGenerator
-    from medusa_engine.heads import load_heads
-    from medusa_engine.hf_adapter import HFModel, quiet_transformers
-    from medusa_engine.models import resolve_model
-
-    if args.max_new_tokens <= 0:
-        raise CLIError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
-    if args.lookup < 0:
-        raise CLIError(f"--lookup must be >= 0, got {args.lookup}")
-    if args.static_step and (args.lookup or args.attention == "hf" or args.temperature > 0):
-        raise CLIError(
-            "--static-step needs greedy decoding (--temperature 0), --lookup 0 and one of our "
-            "attention backends (--attention sdpa, flex, triton or reference)"
-        )
-    sampling = sampling_config(args, args.seed)
-    source = resolve_model(args.model)
-    heads_dir: Path | None
-    if args.heads == "none":
-        heads_dir = None
-    elif args.heads == "auto":
-        heads_dir = source.bundled_heads
-    else:
-        heads_dir = Path(args.heads)
-    heads = load_heads(heads_dir) if heads_dir is not None else None
-    if args.tree == "default":
-        bundled = heads_dir / "tree.json" if heads_dir is not None else None
-        args.tree = str(bundled) if bundled is not None and bundled.is_file() else DEFAULT_TREE
-    tree = "plain" if args.tree == "auto" else _tree_arg(args.tree)
-    quiet_transformers()
-    model = HFModel.load(source, dtype=args.dtype, device=args.device, attention=args.attention)
-    engine = MedusaGenerator(
-        model, heads, tree, sampling, lookup=args.lookup, static=args.static_step
+        temperature=args.temperature,
+        acceptance=args.acceptance,
+        seed=seed,
+        top_k=args.top_k,
+        top_p=args.top_p,
     )
-    if args.tree == "auto" and heads is not None:
-        from medusa_engine.tune import auto_tree
-
-        engine.set_tree(auto_tree(engine, heads_dir, _progress).tree)
-    return engine
 
 
-def _progress(message: str) -> None:
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    """The model flags (`add_model_args`) as the one engine config, validated once."""
+    return EngineConfig(
+        model=args.model,
+        heads=args.heads,
+        tree=args.tree,
+        dtype=args.dtype,
+        attention=args.attention,
+        device=args.device,
+        lookup=args.lookup,
+        static_step=args.static_step,
+        sampling=sampling_config(args, args.seed),
+        max_new_tokens=args.max_new_tokens,
+    )
+
+
+def progress(message: str) -> None:
+    """Progress of long steps (tuning), on stderr."""
     print(f"medusa-engine: {message}", file=sys.stderr, flush=True)
 
 
 def cmd_tune_tree(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from medusa_engine.engine import load_engine
     from medusa_engine.tree import tree_from_name
     from medusa_engine.trees import TREE_PRESETS
     from medusa_engine.tune import score_tree, tune
 
-    args.tree = "plain"
-    engine = load_engine(args)
+    if args.calibration_tokens < 1:
+        raise CLIError(f"--calibration-tokens must be positive, got {args.calibration_tokens}")
+    out = Path(args.out) if args.out else None
+    if out is not None:
+        _check_writable_file(out, "--out")
+    engine = load_engine(replace(engine_config(args), tree="plain"))
     if engine.drafter is None:
         raise CLIError("tune-tree needs heads: pass --heads DIR (or a model with bundled heads)")
-    tuned, calibration = tune(engine, progress=_progress, new_tokens=args.calibration_tokens)
+    tuned, calibration = tune(engine, progress=progress, new_tokens=args.calibration_tokens)
     print(f"{'tree':<16}{'nodes':>6}{'pred. tau':>10}{'step ms':>9}{'tau/ms':>9}")
     auto_nodes = tuned.dynamic_nodes or len(tuned.paths) + 1
     rows = {"auto": (auto_nodes, tuned.predicted_tau, tuned.step_ms)}
@@ -187,58 +185,39 @@ def cmd_tune_tree(args: argparse.Namespace) -> int:
         rows[f"dynamic:{n}"] = (n, tau, tuned.dynamic_latency_ms[n])
     for name, (nodes, tau, ms) in rows.items():
         print(f"{name:<16}{nodes:>6}{tau:>10.3f}{ms:>9.2f}{tau / ms:>9.4f}")
-    if args.out:
-        tuned.save(Path(args.out))
-        _progress(f"wrote {args.out} (use it with --tree {args.out})")
+    if out is not None:
+        tuned.save(out)
+        progress(f"wrote {out} (use it with --tree {out})")
     return 0
 
 
-def _tree_arg(value: str):
-    """A preset / `auto` / `dynamic:...` name as given, or the paths of inline JSON or a file."""
-    if value.lstrip().startswith("["):
-        return _tree_json(value, "--tree")
-    path = Path(value)
-    if value.endswith(".json") or path.is_file():
-        if not path.is_file():
-            raise CLIError(f"tree file not found: {path}")
-        return _tree_json(path.read_text(), str(path))
-    return value
+def _check_writable_file(path: Path, flag: str) -> None:
+    """Refuse an output file that cannot be written, before any long work."""
+    if path.is_dir():
+        raise CLIError(f"{flag} {path} is a folder; give a file name")
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise CLIError(f"{flag} {path}: no such folder {folder}")
+    import os
 
-
-def _tree_json(text: str, where: str):
-    """Paths (list of rank tuples) from a JSON list, or a `tune-tree --out` record."""
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise CLIError(f"{where} is not valid JSON: {err}") from None
-    if isinstance(data, dict) and data.get("dynamic_nodes"):  # `tune-tree --out`: dynamic won
-        return f"dynamic:{int(data['dynamic_nodes'])}"
-    paths = data.get("paths", data) if isinstance(data, dict) else data
-    if not isinstance(paths, list) or not all(isinstance(p, list) for p in paths):
-        raise CLIError(f"{where} must hold a list of paths (lists of ranks)")
-    return [tuple(p) for p in paths]
-
-
-def encode_prompt(tokenizer, text: str, raw: bool) -> list[int]:
-    """Token ids of `text`, wrapped in the chat template when the tokenizer has one."""
-    if not raw and getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
-        )
-        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
-    return list(tokenizer(text)["input_ids"])
+    if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise CLIError(f"{flag} {path} is not writable")
 
 
 def summary_line(result) -> str:
-    return (f"[{len(result.token_ids)} new tokens, {result.steps} steps, "
-            f"τ={result.mean_accepted:.2f}, {result.tokens_per_s:.1f} tok/s, "
-            f"finish={result.finish_reason}]")  # fmt: skip
+    return (
+        f"[{len(result.token_ids)} new tokens, {result.steps} steps, "
+        f"τ={result.mean_accepted:.2f}, {result.tokens_per_s:.1f} tok/s, "
+        f"finish={result.finish_reason}]"
+    )
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from medusa_engine.engine import load_engine
     from medusa_engine.generate import GenerationResult
+    from medusa_engine.hf_adapter import encode_prompt
 
-    engine = load_engine(args)
+    engine = load_engine(engine_config(args), progress)
     tokenizer = engine.model.tokenizer
     prompt_ids = encode_prompt(tokenizer, args.prompt, args.raw)
     result = GenerationResult()
@@ -249,8 +228,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         cuts = [text.find(s) for s in args.stop if s in text]
         return text[: min(cuts)] if cuts else text
 
-    stop = (lambda out: any(s in tokenizer.decode(out, skip_special_tokens=True) for s in args.stop)
-            ) if args.stop else None  # fmt: skip
+    stop = (
+        (lambda out: any(s in tokenizer.decode(out, skip_special_tokens=True) for s in args.stop))
+        if args.stop
+        else None
+    )
     stream = engine.stream(prompt_ids, args.max_new_tokens, result=result, stop=stop)
     if args.json:
         for _ in stream:
@@ -265,21 +247,34 @@ def cmd_generate(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
         print(summary_line(result), file=sys.stderr)
         return 0
-    print(json.dumps({
-        "text": text_of(result.token_ids),
-        "token_ids": result.token_ids,
-        "new_tokens": len(result.token_ids),
-        "steps": result.steps,
-        "mean_accepted": result.mean_accepted,
-        "tokens_per_s": result.tokens_per_s,
-        "accepted_lengths": result.accepted_lengths,
-        "finish_reason": result.finish_reason,
-        "prefill_s": result.prefill_s,
-        "total_s": result.total_s,
-        "model": engine.model.name,
-        "tree_nodes": engine.tree.num_nodes,
-    }))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "text": text_of(result.token_ids),
+                "token_ids": result.token_ids,
+                "new_tokens": len(result.token_ids),
+                "steps": result.steps,
+                "mean_accepted": result.mean_accepted,
+                "tokens_per_s": result.tokens_per_s,
+                "accepted_lengths": result.accepted_lengths,
+                "finish_reason": result.finish_reason,
+                "prefill_s": result.prefill_s,
+                "total_s": result.total_s,
+                "model": engine.model.name,
+                "tree_nodes": engine.tree.num_nodes,
+            }
+        )
+    )
     return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from medusa_engine.chat import ChatLoop
+    from medusa_engine.engine import load_engine
+
+    config = engine_config(args)
+    engine = load_engine(config, progress)
+    return ChatLoop(engine, config.max_new_tokens, sys.stdin, sys.stdout).run()
 
 
 def _lazy(module: str, name: str) -> Callable[[argparse.Namespace], int]:
@@ -326,22 +321,27 @@ def build_parser() -> argparse.ArgumentParser:
     tune_p.add_argument("--out", default=None, help="write the tuned tree (JSON) here")
     tune_p.add_argument("--calibration-tokens", type=int, default=64)
     tune_p.set_defaults(func=cmd_tune_tree)
-    bench = sub.add_parser("bench", help="throughput and acceptance benchmark against baselines")
-    _add_lazy_arguments(bench, "eval.harness")
-    bench.set_defaults(func=_lazy("eval.harness", "run"))
     train = sub.add_parser("train-heads", help="train Medusa heads on a model's hidden states")
     _add_lazy_arguments(train, "medusa_engine.train_heads")
     train.set_defaults(func=_lazy("medusa_engine.train_heads", "run"))
     chat = sub.add_parser("chat", help="multi-turn chat (the default model with its heads)")
     add_model_args(chat)
-    chat.set_defaults(func=_lazy("medusa_engine.chat", "run"))
+    chat.set_defaults(func=cmd_chat)
+    for entry in entry_points(group=COMMANDS_GROUP):  # e.g. `bench`, added by the eval package
+        try:
+            register = entry.load()
+        except ImportError:  # its package is not installed here: the command is absent
+            continue
+        register(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")  # fmt: skip
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)

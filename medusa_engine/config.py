@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
+
+from attention.api import BACKENDS
+from medusa_engine.models import DEFAULT_MODEL
+
+
+class HeadsError(ValueError):
+    """Heads that cannot be loaded or do not fit the base model; one line for the CLI."""
 
 
 @dataclass(frozen=True)
@@ -51,13 +59,29 @@ class HeadsConfig:
             if not 0 <= self.draft_vocab <= self.vocab_size:
                 raise ValueError(f"draft_vocab must be in [0, vocab_size], got {self.draft_vocab}")
 
-    def temperature(self, depth: int) -> float:
-        """The confidence temperature of draft depth `depth` (1-based)."""
+    def check_fits(self, hidden_size: int, vocab_size: int, model_name: str = "") -> None:
+        """Raise `HeadsError` when heads of this config cannot run on a model of this shape."""
+        if self.hidden_size != hidden_size or self.vocab_size != vocab_size:
+            trained = f" (trained for {self.base_model})" if self.base_model else ""
+            raise HeadsError(
+                f"heads{trained} expect hidden size {self.hidden_size} and vocabulary "
+                f"{self.vocab_size}, but the model{' ' + model_name if model_name else ''} has "
+                f"{hidden_size} and {vocab_size}"
+            )
+
+    def confidence_temp(self, depth: int) -> float:
+        """The confidence temperature of draft depth `depth` (1-based): it calibrates the heads'
+        probabilities for ranking dynamic-tree nodes (not the sampling temperature)."""
         temps = self.confidence_temperature
         return temps[min(depth, len(temps)) - 1] if temps else 1.0
 
 
 HEAD_KINDS = ("medusa", "recurrent")
+ATTENTION_CHOICES = ("hf", *BACKENDS)  # "hf": the model's own attention; else ours
+DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32")
+# Most nodes of the prompt-lookup branch under the tree's root (`drafters.LookupBranch`); why 16:
+# eval/results/cpu-mtbench-2026-11-26-s5/README.md.
+DEFAULT_LOOKUP = 16
 ACCEPTANCE_RULES = ("lossless", "typical")  # at temperature > 0; greedy is exact match
 
 
@@ -85,8 +109,8 @@ class SamplingConfig:
     top_p: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if self.acceptance not in ACCEPTANCE_RULES:
             raise ValueError(
                 f"unknown acceptance rule {self.acceptance!r}; choose one of {ACCEPTANCE_RULES}"
@@ -95,9 +119,50 @@ class SamplingConfig:
             raise ValueError("posterior_threshold and posterior_alpha must be in (0, 1]")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
-        if not 0 < self.top_p <= 1:
+        if not 0 < self.top_p <= 1:  # False for nan too
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything that makes an engine: built and validated once at the edge (the CLI, chat,
+    bench), then turned into objects by `engine.load_engine`.
+
+    `model`: an alias, HF folder, .gguf file or hub id (`models.resolve_model`). `heads`: a heads
+    folder, `auto` (the alias's bundled heads) or `none`. `tree`: a spec for
+    `tree_spec.parse_tree`, or `default` (the heads' own tree.json, else `DEFAULT_TREE`) or
+    `auto` (tuned for this machine, `tune.auto_tree`). `static_step`: greedy steps with static
+    shapes (`static_step.py`).
+    """
+
+    model: str = DEFAULT_MODEL
+    heads: str = "auto"
+    tree: str = "default"
+    dtype: str = "auto"
+    attention: str = "hf"
+    device: str = "cpu"
+    lookup: int = DEFAULT_LOOKUP
+    static_step: bool = False
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    max_new_tokens: int = 256
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens <= 0:
+            raise ValueError(f"--max-new-tokens must be positive, got {self.max_new_tokens}")
+        if self.lookup < 0:
+            raise ValueError(f"--lookup must be >= 0, got {self.lookup}")
+        if self.dtype not in DTYPE_CHOICES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; choose one of {DTYPE_CHOICES}")
+        if self.attention not in ATTENTION_CHOICES:
+            raise ValueError(
+                f"unknown attention {self.attention!r}; choose one of {ATTENTION_CHOICES}"
+            )
+        if self.static_step and (self.lookup or self.attention == "hf" or not self.sampling.greedy):
+            raise ValueError(
+                "--static-step needs greedy decoding (--temperature 0), --lookup 0 and one of our "
+                "attention backends (--attention sdpa, flex, triton or reference)"
+            )

@@ -1,12 +1,12 @@
 """Drafters: what proposes the tree's tokens at each step.
 
-Shape legend: E = hidden size, V = vocabulary, K = heads, N = tree nodes, D = path depth,
-R = top-k ranks, M = draft vocabulary.
+Shape legend (ARCHITECTURE.md): E hidden size, V vocabulary, J draft heads (depths), N tree
+nodes, L path length, R top-k ranks, M draft vocabulary, B rows.
 
 A drafter fills a tree (`TreeBuffers`) given the hidden state of the last kept token and the root
 (the base model's own next token). Two kinds:
 
-* `LogitsDrafter` (Medusa heads): one set of logits_KV per step, independent of the tree's
+* `LogitsDrafter` (Medusa heads): one set of logits_JV per step, independent of the tree's
   tokens; node i takes entry `topk_index_N[i]` of [root, head 0's top-k, head 1's top-k, ...].
 * `RecurrentDrafter`: each node's children come from a state that has read the tokens on the
   node's path (`recurrent_heads.py`); depth by depth, one batched transition per depth.
@@ -30,9 +30,10 @@ import torch
 
 from medusa_engine.candidates import fill_tree
 from medusa_engine.dynamic_tree import DynamicTree, grow
-from medusa_engine.heads import AnyHeads, MedusaHeads
-from medusa_engine.hf_adapter import HFModel
+from medusa_engine.heads import MedusaHeads
+from medusa_engine.heads_io import AnyHeads
 from medusa_engine.int8_linear import Int8Linear, int8_supported
+from medusa_engine.model import CausalLM
 from medusa_engine.recurrent_heads import MAX_UNROLL, RecurrentHeads
 from medusa_engine.tree import TreeBuffers
 
@@ -66,9 +67,9 @@ class Drafter(Protocol):
         ...
 
     def path_topk(
-        self, hidden_E: torch.Tensor, path_D: Sequence[int], token_ids: Sequence[int], top_k: int
+        self, hidden_E: torch.Tensor, path_L: Sequence[int], token_ids: Sequence[int], top_k: int
     ) -> torch.Tensor:
-        """ids_DR: top-k proposals for depth d + 1 when nodes 0..d hold path_D[0..d]."""
+        """ids_LR: top-k proposals for depth d + 1 when nodes 0..d hold path_L[0..d]."""
         ...
 
 
@@ -76,14 +77,14 @@ class LogitsDrafter:
     """Base of drafters whose logits do not depend on the tree's tokens; define `logits`."""
 
     num_heads: int
-    temperature_K: torch.Tensor | None = None  # confidence temperature per head (None: 1)
+    confidence_temp_J: torch.Tensor | None = None  # confidence temperature per head (None: 1)
 
     @property
     def max_depth(self) -> int:
         return self.num_heads  # one head per depth
 
     def logits(self, hidden_E: torch.Tensor, token_ids: Sequence[int]) -> torch.Tensor:
-        """logits_KV for the K tokens after the base model's next token."""
+        """logits_JV for the J tokens after the base model's next token."""
         raise NotImplementedError
 
     def draft(
@@ -103,21 +104,21 @@ class LogitsDrafter:
         spec: DynamicTree,
         token_ids: Sequence[int],
     ) -> tuple[torch.Tensor, TreeBuffers]:
-        logits_KV = self.logits(hidden_E, token_ids).float()
-        if self.temperature_K is not None:
-            logits_KV = logits_KV / self.temperature_K[:, None]
-        logp_KV = torch.log_softmax(logits_KV, dim=-1)
+        logits_JV = self.logits(hidden_E, token_ids).float()
+        if self.confidence_temp_J is not None:
+            logits_JV = logits_JV / self.confidence_temp_J[:, None]
+        logp_JV = torch.log_softmax(logits_JV, dim=-1)
         depth = iter(range(spec.depth))
 
         def expand(rows_B: torch.Tensor, tokens_B: torch.Tensor) -> torch.Tensor:
-            return logp_KV[next(depth)].expand(rows_B.shape[0], -1)  # the same for every parent
+            return logp_JV[next(depth)].expand(rows_B.shape[0], -1)  # the same for every parent
 
         return grow(spec, root, expand)
 
     def path_topk(
-        self, hidden_E: torch.Tensor, path_D: Sequence[int], token_ids: Sequence[int], top_k: int
+        self, hidden_E: torch.Tensor, path_L: Sequence[int], token_ids: Sequence[int], top_k: int
     ) -> torch.Tensor:
-        return torch.topk(self.logits(hidden_E, token_ids)[: len(path_D)], top_k, dim=-1).indices
+        return torch.topk(self.logits(hidden_E, token_ids)[: len(path_L)], top_k, dim=-1).indices
 
 
 def use_int8(requested: bool | None, device: torch.device) -> bool:
@@ -125,8 +126,10 @@ def use_int8(requested: bool | None, device: torch.device) -> bool:
     `int8_supported` (a CPU); asking for it where it cannot run is an error."""
     supported = int8_supported(device)
     if requested and not supported:
-        raise ValueError(f"int8 drafting needs a CPU with a quantized engine (model on {device}); "
-                         "pass int8=False")  # fmt: skip
+        raise ValueError(
+            f"int8 drafting needs a CPU with a quantized engine (model on {device}); "
+            "pass int8=False"
+        )
     return supported if requested is None else requested
 
 
@@ -134,9 +137,9 @@ class HeadsDrafter(LogitsDrafter):
     """Medusa heads (the shared LM head, if any, is the base model's).
 
     `int8` as for `RecurrentDrafter`: the vocabulary projection (the shared LM head, or each
-    head's own) runs with int8 weights, K rows over the whole vocabulary per step."""
+    head's own) runs with int8 weights, J rows over the whole vocabulary per step."""
 
-    def __init__(self, heads: MedusaHeads, model: HFModel, int8: bool | None = None) -> None:
+    def __init__(self, heads: MedusaHeads, model: CausalLM, int8: bool | None = None) -> None:
         heads.check_compatible(model.hidden_size, model.vocab_size, model.name)
         self.int8 = use_int8(int8, model.device)
         self.heads = heads.to(device=model.device, dtype=model.dtype).eval()
@@ -150,8 +153,8 @@ class HeadsDrafter(LogitsDrafter):
             )
         self.num_heads = heads.num_heads
         if heads.config.confidence_temperature:
-            temps = [heads.config.temperature(d) for d in range(1, self.num_heads + 1)]
-            self.temperature_K = torch.tensor(temps, device=model.device)
+            temps = [heads.config.confidence_temp(d) for d in range(1, self.num_heads + 1)]
+            self.confidence_temp_J = torch.tensor(temps, device=model.device)
 
     @torch.inference_mode()
     def logits(self, hidden_E: torch.Tensor, token_ids: Sequence[int]) -> torch.Tensor:
@@ -184,12 +187,14 @@ def depth_plans(tree: TreeBuffers) -> list[_DepthPlan]:
         nodes = [i for i in range(tree.num_nodes) if depth[i] == d and i in has_children]
         rows = {node: r for r, node in enumerate(nodes)}
         children = [i for i in range(tree.num_nodes) if depth[i] == d + 1]
-        plans.append(_DepthPlan(
-            nodes=_ids(nodes, device),
-            parent_rows=_ids([prev_rows[parent[i]] for i in nodes], device),
-            children=_ids(children, device),
-            slots=_ids([rows[parent[c]] * tree.top_k + rank[c] for c in children], device),
-        ))  # fmt: skip
+        plans.append(
+            _DepthPlan(
+                nodes=_ids(nodes, device),
+                parent_rows=_ids([prev_rows[parent[i]] for i in nodes], device),
+                children=_ids(children, device),
+                slots=_ids([rows[parent[c]] * tree.top_k + rank[c] for c in children], device),
+            )
+        )
         prev_rows = rows
     return plans
 
@@ -202,12 +207,12 @@ class RecurrentDrafter:
     are left as they are. Drafts may differ slightly; verification still decides (`int8_linear`).
     """
 
-    def __init__(self, heads: RecurrentHeads, model: HFModel, int8: bool | None = None) -> None:
+    def __init__(self, heads: RecurrentHeads, model: CausalLM, int8: bool | None = None) -> None:
         heads.check_compatible(model.hidden_size, model.vocab_size, model.name)
         self.int8 = use_int8(int8, model.device)
         self.heads = heads.to(device=model.device, dtype=model.dtype).eval()
         self.num_heads = heads.num_heads
-        self.embed = model.model.get_input_embeddings()
+        self.embed = model.embed_tokens
         self.vocab_M = self.heads.draft_vocab_M
         lm_ME = model.lm_head.weight.detach()[self.vocab_M].contiguous()  # draft vocabulary rows
         # states_BE -> logits_BM over the draft vocabulary
@@ -261,31 +266,31 @@ class RecurrentDrafter:
         token_ids: Sequence[int],
     ) -> tuple[torch.Tensor, TreeBuffers]:
         states_BE, depth = hidden_E[None], 0
-        temperature = self.heads.config.temperature
+        confidence_temp = self.heads.config.confidence_temp
 
         def expand(rows_B: torch.Tensor, tokens_B: torch.Tensor) -> torch.Tensor:
             nonlocal states_BE, depth
             depth += 1
             states_BE = self.heads.step(states_BE[rows_B], self.embed(tokens_B))
             logits_BM = self._logits(states_BE).float()
-            return torch.log_softmax(logits_BM / temperature(depth), dim=-1)
+            return torch.log_softmax(logits_BM / confidence_temp(depth), dim=-1)
 
         return grow(spec, root, expand, self.vocab_M)
 
     @torch.inference_mode()
     def path_topk(
-        self, hidden_E: torch.Tensor, path_D: Sequence[int], token_ids: Sequence[int], top_k: int
+        self, hidden_E: torch.Tensor, path_L: Sequence[int], token_ids: Sequence[int], top_k: int
     ) -> torch.Tensor:
-        path = torch.as_tensor(list(path_D), dtype=torch.int64, device=hidden_E.device)
-        emb_DE = self.embed(path)
+        path = torch.as_tensor(list(path_L), dtype=torch.int64, device=hidden_E.device)
+        emb_LE = self.embed(path)
         state_1E, out = hidden_E[None], []
-        for d in range(len(path_D)):
-            state_1E = self.heads.step(state_1E, emb_DE[d : d + 1])
+        for d in range(len(path_L)):
+            state_1E = self.heads.step(state_1E, emb_LE[d : d + 1])
             out.append(self._logits(state_1E).topk(top_k, dim=-1).indices[0])
         return self.vocab_M[torch.stack(out)]
 
 
-def make_drafter(heads: AnyHeads, model: HFModel) -> Drafter:
+def make_drafter(heads: AnyHeads, model: CausalLM) -> Drafter:
     """The drafter for heads of either kind."""
     if isinstance(heads, RecurrentHeads):
         return RecurrentDrafter(heads, model)
@@ -339,10 +344,9 @@ class LookupBranch:
     match (16 / 8 / 4 for 3 / 2 / 1-gram matches with `max_length` 16), no branch without one.
 
     Free of training, strong where answers copy the prompt or themselves; the tree's verification
-    keeps whichever branch is right. Why the length follows n (SmolLM2 + bundled heads, 16 MT-Bench
-    first turns, 1,036 steps, 12-token guesses): no match in 43% of the steps; tokens accepted from
-    the guess, mean 0.87 after a 1-gram match, 1.95 after a 2-gram, 7.48 after a 3-gram (46% of
-    those accepted all 12). A fixed-length chain wastes nodes on weak guesses and cuts strong ones.
+    keeps whichever branch is right. The length follows n because longer matches are right for
+    far longer (figures: eval/results/cpu-refactor-2026-12-03/README.md, "Figures that left the
+    code"): a fixed-length chain wastes nodes on weak guesses and cuts strong ones.
     """
 
     def __init__(self, max_length: int, max_ngram: int = 3) -> None:

@@ -1,44 +1,42 @@
-"""The decode loop: prefill, then repeat {heads propose, verify tree, accept, commit}.
+"""The decode loop: prefill, then repeat propose -> verify -> accept -> commit.
 
-Shape legend: E = hidden size, V = vocabulary, K = heads, N = tree nodes, P = paths.
+Shape legend (ARCHITECTURE.md): E hidden size, V vocabulary, N tree nodes, P root-to-leaf paths,
+L path length.
 
-Token ids in, token ids out: this module knows nothing about text. One step (Medusa, Alg. 1):
+Token ids in, token ids out: this module knows nothing about text or transformers (the model is a
+`medusa_engine.model.CausalLM`). One step (Medusa, Alg. 1):
 
-1. the drafter fills the tree from the hidden state of the last kept token: the root is the base
-   model's own next token, deeper nodes the heads' top-k (Medusa heads: from that hidden state
-   alone; recurrent heads: also from the tokens on the node's path; see `drafters.py`); with
-   `lookup` > 0, a chain under the root holds a prompt-lookup guess when the text has one
-   (`drafters.LookupBranch`: its length, up to `lookup`, follows the strength of the match);
-2. one forward of the base model verifies all N nodes (tree mask + position ids over the cache);
-3. the acceptance rule keeps the longest valid prefix of one path, plus the base model's next
-   token after it (the bonus token, the next root);
-4. the cache keeps exactly the kept path (one gather), and the kept tokens are emitted.
+1. propose: the drafter fills the tree from the hidden state of the last kept token; the root is
+   the base model's own next token (`drafters.py`); a dynamic tree is shaped by the drafter's
+   confidence (`dynamic_tree.py`); with `lookup` > 0 a chain under the root holds a
+   prompt-lookup guess when the text has one (`drafters.LookupBranch`);
+2. verify: one forward of the base model over all N nodes (tree mask + position ids on the cache);
+3. accept: the acceptance rule keeps the longest valid prefix of one path, plus the base model's
+   next token after it (the bonus token, the next root), read on the host once (`Decision`);
+4. commit: the session keeps exactly the kept path (one gather) and its tokens.
 
 Each step emits `accepted + 1` tokens; τ (mean accepted length) is their mean over steps.
 """
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from medusa_engine.acceptance import accept
-from medusa_engine.candidates import choose_token, path_tokens
+from medusa_engine.acceptance import Decision, decide
+from medusa_engine.candidates import path_tokens
 from medusa_engine.config import SamplingConfig
-from medusa_engine.drafters import Drafter, LookupBranch, make_drafter
-from medusa_engine.dynamic_tree import DynamicTree, parse_dynamic
-from medusa_engine.heads import AnyHeads, MedusaHeads
-from medusa_engine.hf_adapter import HFModel, KVSession
-from medusa_engine.recurrent_heads import RecurrentHeads
+from medusa_engine.drafters import Drafter, LookupBranch
+from medusa_engine.dynamic_tree import DynamicTree
+from medusa_engine.model import CausalLM, DecodeState, Session
+from medusa_engine.sampling import choose_token
 from medusa_engine.static_step import StaticStep
-from medusa_engine.tree import TreeBuffers, build_tree, tree_from_name
-from medusa_engine.trees import DEFAULT_TREE
+from medusa_engine.tree import TreeBuffers, build_tree
 
-log = logging.getLogger(__name__)
+Tree = TreeBuffers | DynamicTree
 
 
 @dataclass
@@ -65,72 +63,72 @@ class GenerationResult:
         return len(self.token_ids) / self.total_s if self.total_s > 0 else 0.0
 
 
-class MedusaGenerator:
-    """Speculative decoding over an `HFModel` with Medusa heads (or any `Drafter`).
+@dataclass(frozen=True)
+class Proposal:
+    """A step's tree (a dynamic one already shaped) and the tokens of its N nodes."""
 
-    Without a drafter (or with the `plain` tree) the same loop does plain decoding.
+    tree: TreeBuffers
+    tokens_N: torch.Tensor
+
+
+class MedusaGenerator:
+    """Speculative decoding over a `CausalLM` with a `Drafter` (None: plain decoding).
+
+    Takes resolved objects only: a drafter (`drafters.make_drafter`) and a tree
+    (`tree_spec.parse_tree`); `engine.build_engine` / `engine.load_engine` make them from specs.
+    `static`: greedy steps with static shapes and device-side bookkeeping (`StaticStep`: a CUDA
+    graph on a GPU); needs a static tree, no lookup branch and a model with a static cache.
     """
 
     def __init__(
         self,
-        model: HFModel,
-        heads: AnyHeads | Drafter | None = None,
-        tree: TreeBuffers | DynamicTree | str | Sequence[Sequence[int]] = DEFAULT_TREE,
+        model: CausalLM,
+        drafter: Drafter | None,
+        tree: Tree,
         sampling: SamplingConfig | None = None,
         lookup: int = 0,
         static: bool = False,
     ) -> None:
         self.model = model
+        self.drafter = drafter
         self.sampling = sampling or SamplingConfig()
-        if static and (lookup or model.attention == "hf" or not self.sampling.greedy):
+        if static and (lookup or not self.sampling.greedy or isinstance(tree, DynamicTree)):
             raise ValueError(
-                "static (CUDA-graph) steps need greedy decoding, no lookup branch and one of our "
-                "attention backends (sdpa, flex, triton, reference)"
+                "static steps need greedy decoding, a static tree and no lookup branch"
             )
-        # static: each verification step is a `StaticStep` (a CUDA graph on a GPU).
         self.static = static
         self._static_step: StaticStep | None = None
-        self.drafter: Drafter | None = (
-            make_drafter(heads, model)
-            if isinstance(heads, (MedusaHeads, RecurrentHeads))
-            else heads
-        )
-        # `lookup` > 0: a prompt-lookup branch of up to that many nodes under the tree's root.
         self.lookup = lookup
         self.lookup_branch = LookupBranch(lookup) if lookup > 0 else None
-        self.tree: TreeBuffers | DynamicTree
-        self.set_tree(tree)
         self.plain_tree = build_tree([], 0).to(model.device)
+        self.tree: Tree = self.plain_tree
+        self.set_tree(tree)
         self.generator = torch.Generator(device=model.device)
         if self.sampling.seed is not None:
             self.generator.manual_seed(self.sampling.seed)
 
-    def set_tree(self, tree: TreeBuffers | DynamicTree | str | Sequence[Sequence[int]]) -> None:
-        """Use a preset name (or `dynamic:N...`), a list of paths, built buffers or a
-        `DynamicTree` from the next request on."""
-        num_heads = self.drafter.num_heads if self.drafter is not None else 0
-        if isinstance(tree, str):
-            tree = parse_dynamic(tree) or tree_from_name(tree, num_heads)
+    def set_tree(self, tree: Tree) -> None:
+        """Verify `tree` (resolved for this drafter: `tree_spec.parse_tree`) from the next step."""
         if isinstance(tree, DynamicTree):
             if self.static:
-                raise ValueError("static (CUDA-graph) steps need a static tree, not a dynamic one")
-            max_depth = self.drafter.max_depth if self.drafter is not None else 0
-            self.tree = tree.for_heads(num_heads, max_depth)
-            return
-        if not isinstance(tree, TreeBuffers):
-            tree = build_tree([tuple(p) for p in tree], num_heads)
-        if tree.num_heads > num_heads:
-            raise ValueError(f"tree is {tree.num_heads} deep but the drafter has {num_heads} heads")
-        self.tree = tree.to(self.model.device)  # the drafter's (a lookup branch comes per step)
+                raise ValueError("static steps need a static tree, not a dynamic one")
+            if self.drafter is None or tree.depth < 1:
+                raise ValueError("a dynamic tree needs a drafter (resolve it with parse_tree)")
+        elif tree.num_nodes > 1 and (
+            self.drafter is None or tree.num_heads > self.drafter.num_heads
+        ):
+            depths = 0 if self.drafter is None else self.drafter.num_heads
+            raise ValueError(f"tree is {tree.num_heads} deep but the drafter drafts {depths}")
+        self.tree = tree.to(self.model.device) if isinstance(tree, TreeBuffers) else tree
 
-    # ---- public API -------------------------------------------------------------------------
+    # ---- requests ---------------------------------------------------------------------------
 
     def generate(
         self,
         prompt_ids: Sequence[int],
         max_new_tokens: int,
         *,
-        session: KVSession | None = None,
+        session: Session | None = None,
         eos_token_ids: Sequence[int] | None = None,
         stop: Callable[[Sequence[int]], bool] | None = None,
     ) -> GenerationResult:
@@ -152,7 +150,7 @@ class MedusaGenerator:
         prompt_ids: Sequence[int],
         max_new_tokens: int,
         *,
-        session: KVSession | None = None,
+        session: Session | None = None,
         eos_token_ids: Sequence[int] | None = None,
         stop: Callable[[Sequence[int]], bool] | None = None,
         result: GenerationResult | None = None,
@@ -182,10 +180,10 @@ class MedusaGenerator:
         self.model.reserve(session, needed)
 
         start = time.perf_counter()
-        hidden_E, token = self._prefill(prompt, session)
+        state = self.prefill(prompt, session)
         result.prefill_s = time.perf_counter() - start
         out = result.token_ids
-        chunk = [token]
+        chunk = [state.root]
         while True:
             chunk, reason = _truncate(chunk, out, max_new_tokens, eos)
             out.extend(chunk)
@@ -198,97 +196,91 @@ class MedusaGenerator:
                 reason = "context"
             if reason is not None:
                 break
-            hidden_E, token, chunk = self._step(hidden_E, token, session)
+            state, chunk = self.step(state, session)
             result.accepted_lengths.append(len(chunk))
         # The cache may hold kept tokens past an EOS or the token budget: drop them.
-        self.model.keep(session, 0, None, min(len(session), len(prompt) + len(out) - 1))
-        del session.token_ids[len(prompt) + len(out) - 1 :]
+        session.truncate(len(prompt) + len(out) - 1)
         result.finish_reason = reason
         result.total_s = time.perf_counter() - start
 
     # ---- steps ------------------------------------------------------------------------------
 
-    def _prefill(self, prompt: list[int], session: KVSession) -> tuple[torch.Tensor, int]:
-        """Feed what the session lacks of `prompt`; returns (hidden_E at the last token, root)."""
-        common = 0
-        limit = min(len(session), len(prompt) - 1)  # feed >= 1 token to get fresh logits
+    @torch.inference_mode()
+    def prefill(self, prompt: Sequence[int], session: Session) -> DecodeState:
+        """Feed what the session lacks of `prompt` (>= 1 token, for fresh logits)."""
+        common, limit = 0, min(len(session), len(prompt) - 1)
         while common < limit and session.token_ids[common] == prompt[common]:
             common += 1
-        self.model.keep(session, 0, None, common)
-        del session.token_ids[common:]
+        session.truncate(common)
         device = self.model.device
         ids_T = torch.tensor(prompt[common:], dtype=torch.int64, device=device)
         pos_T = torch.arange(common, len(prompt), device=device)
         hidden_TE = self.model.forward(ids_T, pos_T, session)
-        session.token_ids.extend(prompt[common:])
-        hidden_E = hidden_TE[-1]
-        root = choose_token(self.model.logits(hidden_E), self.sampling, self.generator)
-        return hidden_E, int(root)
+        session.commit(common, prompt[common:])
+        root = choose_token(self.model.logits(hidden_TE[-1]), self.sampling, self.generator)
+        return DecodeState(hidden_TE[-1], int(root))
 
     @torch.inference_mode()
-    def _step(
-        self, hidden_E: torch.Tensor, root: int, session: KVSession
-    ) -> tuple[torch.Tensor, int, list[int]]:
-        """One verification step; returns (hidden_E, next root, emitted tokens)."""
-        spec, past = self.tree, len(session)
-        # Near the end of the context, finish one token at a time.
-        near_end = past + max(spec.max_depth, self.lookup) + 1 > self.model.max_context
+    def step(self, state: DecodeState, session: Session) -> tuple[DecodeState, list[int]]:
+        """One verification step; returns the next state and the emitted tokens."""
+        past = len(session)
+        near_end = self._near_end(past)
         if self.static and not near_end:
-            step = self._static_for(session)
-            chunk = step.run(hidden_E, root, past)
-            session.token_ids.extend([root, *chunk[:-1]])
-            return step.hidden_E, chunk[-1], chunk
-        root_t = torch.tensor(root, device=self.model.device)
-        tree = self.plain_tree if near_end or self.drafter is None else spec
+            return self._static_for(session).run(state)
+        proposal = self.propose(state, session, near_end)
+        hidden_NE = self.verify(proposal, session, past)
+        decision = self.accept(hidden_NE, proposal)
+        session.commit(past, decision.tokens, decision.nodes)
+        return DecodeState(hidden_NE[decision.nodes[-1]], decision.next_token), decision.emitted
+
+    def propose(self, state: DecodeState, session: Session, near_end: bool = False) -> Proposal:
+        """The step's tree and its tokens: the drafter's (plain near the context's end), plus
+        the lookup branch when the text has a match."""
+        root_t = torch.tensor(state.root, device=self.model.device)
+        tree = self.plain_tree if near_end or self.drafter is None else self.tree
         if isinstance(tree, DynamicTree):
             assert self.drafter is not None
-            tree_tokens_N, tree = self.drafter.draft_dynamic(
-                hidden_E, root_t, tree, session.token_ids
+            tokens_N, tree = self.drafter.draft_dynamic(
+                state.hidden_E, root_t, tree, session.token_ids
             )
-        elif tree.num_nodes > 1 and self.drafter is not None:
-            tree_tokens_N = self.drafter.draft(hidden_E, root_t, tree, session.token_ids)
+        elif tree.num_nodes > 1:
+            assert self.drafter is not None
+            tokens_N = self.drafter.draft(state.hidden_E, root_t, tree, session.token_ids)
         else:
-            tree_tokens_N = root_t.reshape(1)
+            tokens_N = root_t.reshape(1)
         if self.lookup_branch is not None and not near_end:
-            guess = self.lookup_branch.guess([*session.token_ids, root])  # on the host
+            guess = self.lookup_branch.guess([*session.token_ids, state.root])  # on the host
             if guess:
                 tree = self.lookup_branch.tree(tree, len(guess))
-                guess_G = torch.tensor(guess, dtype=tree_tokens_N.dtype, device=root_t.device)
-                tree_tokens_N = torch.cat([tree_tokens_N, guess_G])
-        candidates_PL = path_tokens(tree_tokens_N, tree)
-        hidden_NE = self.model.forward(
-            tree_tokens_N,
-            tree.depth_N + past,
-            session,
-            block_mask_TT=tree.mask_NN if tree.num_nodes > 1 else None,
-        )
-        logits_NV = self.model.logits(hidden_NE)
-        decision = accept(logits_NV, candidates_PL, tree.paths_PL, self.sampling, self.generator)
-        # The best path's nodes and tokens travel with the decision: the step's one host sync.
-        best_1 = decision[0:1]  # a 0-d index would be read on the host: a second sync
-        row = torch.cat(
-            [
-                decision[1:],
-                tree.paths_PL.index_select(0, best_1)[0],
-                candidates_PL.index_select(0, best_1)[0],
-            ]
-        ).tolist()
-        accepted, next_token, width = row[0], row[1], tree.paths_PL.shape[1]
-        path = row[2 : 3 + accepted]
-        kept = row[2 + width : 3 + width + accepted]
-        self.model.keep(session, past, path, past + accepted + 1)
-        session.token_ids.extend(kept)
-        return hidden_NE[path[-1]], next_token, kept[1:] + [next_token]
+                guess_G = torch.tensor(guess, dtype=tokens_N.dtype, device=root_t.device)
+                tokens_N = torch.cat([tokens_N, guess_G])
+        return Proposal(tree, tokens_N)
 
-    def _static_for(self, session: KVSession) -> StaticStep:
+    def verify(self, proposal: Proposal, session: Session, past: int) -> torch.Tensor:
+        """hidden_NE of the tree's nodes: one forward at positions past + depth."""
+        tree = proposal.tree
+        mask_NN = tree.mask_NN if tree.num_nodes > 1 else None
+        return self.model.forward(proposal.tokens_N, tree.depth_N + past, session, mask_NN)
+
+    def accept(self, hidden_NE: torch.Tensor, proposal: Proposal) -> Decision:
+        """The acceptance rule of the sampling config on the verified tree."""
+        tree = proposal.tree
+        return decide(
+            self.model.logits(hidden_NE),
+            path_tokens(proposal.tokens_N, tree),
+            tree.paths_PL,
+            self.sampling,
+            self.generator,
+        )
+
+    def _near_end(self, past: int) -> bool:
+        """Near the end of the context the loop finishes one token at a time."""
+        return past + max(self.tree.max_depth, self.lookup) + 1 > self.model.max_context
+
+    def _static_for(self, session: Session) -> StaticStep:
         """The static step of this session's cache and the current tree (rebuilt on change)."""
         step = self._static_step
-        if (
-            step is None
-            or step.session is not session
-            or step.cache is not session.cache.static  # reallocated to grow
-            or step.source_tree is not self.tree
-        ):
+        if step is None or not step.serves(session, self.tree):
             assert isinstance(self.tree, TreeBuffers)  # set_tree refuses dynamic trees when static
             step = self._static_step = StaticStep(self.model, self.drafter, self.tree, session)
         return step

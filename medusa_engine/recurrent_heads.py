@@ -1,7 +1,7 @@
 """Sequentially dependent draft heads: one small recurrent transition over the base hidden state.
 
-Shape legend: B = rows, E = hidden size, H = transition width, M = draft vocabulary, V = base
-vocabulary, D = draft depth.
+Shape legend (ARCHITECTURE.md): B rows, E hidden size, F transition (MLP) width, M draft
+vocabulary, V base vocabulary.
 
 Medusa head k sees only h_t, the base model's hidden state at the last kept token, and must guess
 token t + k + 2 without knowing which tokens the tree puts before it. These heads see them
@@ -14,26 +14,24 @@ where x_{t+1} is the root (the base model's own next token) and x_{t+d} the toke
 at depth d - 1. Depth d's proposals are the top-k of `base_lm_head(s_d)`: s_d is trained to be
 h_{t+d} (feature regression, as EAGLE does) and to give the base model's own next token. One
 transition serves every depth (the same "advance by one token" map), so the weights stay small:
-the embedding and the LM head are the base model's, frozen and shared. Trained for K depths, the
-same map unrolls further (`MAX_UNROLL`): dynamic trees may grow up to MAX_UNROLL * K deep, where
-accuracy keeps falling slowly (the bundled SmolLM2 heads, trained for 4: teacher-forced top-1 0.37
-and 0.34 at depths 5 and 6 on the calibration prompts, after 0.39 at depth 4).
+the embedding and the LM head are the base model's, frozen and shared. Trained for J depths, the
+same map unrolls further (`MAX_UNROLL`): dynamic trees may grow up to MAX_UNROLL * J deep, where
+accuracy keeps falling slowly (eval/results/cpu-refactor-2026-12-03/README.md, "Figures that
+left the code").
 
 Draft vocabulary: the heads only score the M most frequent tokens of the training answers
 (`draft_vocab_M`, token ids of the base vocabulary). Verification is exact, so this is lossless;
-it costs the tokens the heads can never propose (~1-2% of a chat model's output) and cuts the
-heads' projection by V/M (49152/8192 = 6x for SmolLM2).
+it costs the tokens the heads can never propose (rare ones: the bundled heads' README gives the
+draft vocabulary's coverage) and cuts the heads' projection by V/M.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medusa_engine.config import HeadsConfig
+from medusa_engine.config import HeadsConfig, HeadsError
 
 MAX_UNROLL = 2  # a transition trained for K depths drafts up to MAX_UNROLL * K deep
 
@@ -91,16 +89,8 @@ class RecurrentHeads(nn.Module):
         """logits_BM over the draft vocabulary (`draft_lm_ME` = base LM head rows of it)."""
         return F.linear(state_BE, draft_lm_ME.to(state_BE.dtype))
 
-    def save(self, directory: str | os.PathLike[str]) -> None:
-        """Write `config.json` + `heads.safetensors` (the draft vocabulary is a buffer in it)."""
-        from medusa_engine.heads import save_heads
-
-        save_heads(self, directory)
-
     def check_compatible(self, hidden_size: int, vocab_size: int, model_name: str = "") -> None:
         """Raise `HeadsError` when these heads cannot run on a model of this shape."""
-        from medusa_engine.heads import HeadsError, check_shape
-
-        check_shape(self.config, hidden_size, vocab_size, model_name)
+        self.config.check_fits(hidden_size, vocab_size, model_name)
         if int(self.draft_vocab_M.max()) >= vocab_size or int(self.draft_vocab_M.min()) < 0:
             raise HeadsError("the heads' draft vocabulary has ids outside the model's vocabulary")

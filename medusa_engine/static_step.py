@@ -1,6 +1,7 @@
 """One greedy verification step with static shapes and no host sync: a CUDA graph on a GPU.
 
-Shape legend: E = hidden size, N = tree nodes, P = paths, L = max depth + 1, S = cache slots.
+Shape legend (ARCHITECTURE.md): E hidden size, N tree nodes, P root-to-leaf paths, L path
+length (max depth + 1), S cache slots.
 
 The step's state lives in device tensors whose storage never changes: `length_t` (tokens in the
 KV cache), `root_t` (the base model's next token, not yet in the cache) and `hidden_E` (the base
@@ -29,7 +30,7 @@ from attention.masks import tree_bitmask_QW
 from medusa_engine.acceptance import accept_greedy
 from medusa_engine.candidates import path_tokens
 from medusa_engine.drafters import Drafter
-from medusa_engine.hf_adapter import EngineCache, HFModel, KVSession
+from medusa_engine.model import CausalLM, DecodeState, Session
 from medusa_engine.tree import TreeBuffers
 
 
@@ -38,24 +39,25 @@ class StaticStep:
 
     def __init__(
         self,
-        model: HFModel,
+        model: CausalLM,
         drafter: Drafter | None,
         tree: TreeBuffers,
-        session: KVSession,
+        session: Session,
         *,
         graph: bool | None = None,
     ) -> None:
-        if not isinstance(session.cache, EngineCache):
+        if session.static is None:
             raise ValueError(
-                "a static step needs one of our attention backends (--attention sdpa/flex/triton)"
+                "a static step needs a static cache: one of our attention backends "
+                "(--attention sdpa, flex, triton or reference)"
             )
         if tree.num_nodes > 1 and drafter is None:
             raise ValueError("a tree of more than one node needs a drafter")
         device = model.device
         self.model, self.drafter, self.session = model, drafter, session
-        self.source_tree = tree  # as given (the generator compares identity)
+        self.source_tree = tree  # as given (`serves` compares identity)
         self.tree = tree.to(device)
-        self.cache = session.cache.static
+        self.cache = session.static
         n, width = tree.num_nodes, tree.max_depth + 1
         self.length_t = torch.zeros((), dtype=torch.int64, device=device)
         self.root_t = torch.zeros((), dtype=torch.int64, device=device)
@@ -73,6 +75,10 @@ class StaticStep:
         self.use_graph = device.type == "cuda" if graph is None else graph
         self._graph: torch.cuda.CUDAGraph | None = None
 
+    def serves(self, session: Session, tree: object) -> bool:
+        """Whether this step runs `tree` over `session`'s current cache buffer."""
+        return session is self.session and session.static is self.cache and tree is self.source_tree
+
     @torch.inference_mode()
     def compute(self) -> None:
         """The step itself: reads and advances the state tensors; device work only."""
@@ -85,9 +91,13 @@ class StaticStep:
         candidates_PL = path_tokens(tokens_N, tree)
         kv_len_B = (start + tree.num_nodes).to(torch.int32).reshape(1)
         mask = prepare_static(
-            self.model.attention, tree.num_nodes, self.cache.max_length, kv_len_B,
-            tree_mask_QQ=self._tree_QQ, tree_bits_QW=self._bits_QW,
-        )  # fmt: skip
+            self.model.attention,
+            tree.num_nodes,
+            self.cache.max_length,
+            kv_len_B,
+            tree_mask_QQ=self._tree_QQ,
+            tree_bits_QW=self._bits_QW,
+        )
         hidden_NE = self.model.forward_static(
             tokens_N, start + tree.depth_N, self.session, start + self._nodes_N, mask
         )
@@ -130,27 +140,28 @@ class StaticStep:
         self.root_t.fill_(root)
         self.length_t.fill_(length)
 
-    def run(self, hidden_E: torch.Tensor, root: int, length: int) -> list[int]:
-        """One step from (hidden_E, root, cache length); returns the emitted tokens.
-
-        Emitted: the accepted candidates, then the bonus token (the next root). The cache then
-        holds `length + len(emitted)` valid slots (set on the host too); the next hidden state is
-        `self.hidden_E`. One host sync (the read of the emitted tokens).
+    def run(self, state: DecodeState) -> tuple[DecodeState, list[int]]:
+        """One step from `state` over the session's cache; returns the next state and the
+        emitted tokens (the accepted candidates, then the bonus token, the next root), which the
+        session commits. The next hidden state is `self.hidden_E` (overwritten by the next step).
+        One host sync (the read of the emitted tokens).
         """
+        length = len(self.session)
         if length + self.tree.num_nodes > self.cache.max_length:
             raise ValueError(
                 f"the cache has {self.cache.max_length} slots; a {self.tree.num_nodes}-node step "
                 f"at length {length} needs more (allocate prompt + new tokens + tree)"
             )
-        if self.session.cache.static is not self.cache:
+        if self.session.static is not self.cache:
             raise ValueError("the session's cache was reallocated: build a new StaticStep")
         if self.use_graph and self._graph is None:
-            self._capture(hidden_E, root, length)
-        self.load(hidden_E, root, length)
+            self._capture(state.hidden_E, state.root, length)
+        self.load(state.hidden_E, state.root, length)
         if self._graph is not None:
             self._graph.replay()
         else:
             self.compute()
         row = torch.cat([self.count_t.reshape(1), self.emitted_L]).tolist()
-        self.cache.set_length(length + row[0])
-        return row[1 : 1 + row[0]]
+        emitted = row[1 : 1 + row[0]]
+        self.session.commit(length, [state.root, *emitted[:-1]])  # rows already in place
+        return DecodeState(self.hidden_E, emitted[-1]), emitted

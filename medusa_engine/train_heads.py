@@ -56,7 +56,8 @@ from torch.utils.checkpoint import checkpoint
 from attention.precision import DynamicLossScaler, autocast, get_policy
 from medusa_engine.atomic import atomic_write
 from medusa_engine.config import HEAD_KINDS, HeadsConfig
-from medusa_engine.heads import AnyHeads, MedusaHeads, save_heads
+from medusa_engine.heads import MedusaHeads
+from medusa_engine.heads_io import AnyHeads, save_heads
 from medusa_engine.train_data import Example
 
 log = logging.getLogger(__name__)

@@ -48,9 +48,3 @@ TREE_PRESETS: dict[str, tuple[Path, ...]] = {
 }  # fmt: skip
 
 DEFAULT_TREE = "cpu_16"
-# Most nodes of the prompt-lookup branch the command line adds under the tree's root when the text
-# has a match (`drafters.LookupBranch`: 16 / 8 / 4 nodes after a 3 / 2 / 1-gram match, none
-# without). 16 MT-Bench first turns, bundled SmolLM2 heads and tree, 2-core CPU, bf16, one run:
-# a fixed 5-node branch (filler when no match) 44.6 tok/s, τ 3.05; this one 53.2 tok/s, τ 3.67
-# (12: 53.1, 24: 53.3).
-DEFAULT_LOOKUP = 16

@@ -63,9 +63,14 @@ def tiny_random_model(family: str) -> HFModel:
     from transformers import AutoModelForCausalLM, MistralConfig, Qwen2Config
 
     common = dict(
-        vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-    )  # fmt: skip
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
     config = {"qwen2": Qwen2Config, "mistral": MistralConfig}[family](**common)
     torch.manual_seed(1234)
     model = AutoModelForCausalLM.from_config(

@@ -10,10 +10,18 @@ import torch
 from medusa_engine.config import HeadsConfig
 from medusa_engine.drafters import LogitsDrafter
 from medusa_engine.heads import MedusaHeads
+from medusa_engine.heads_io import save_heads
 
 
-def random_heads(model=None, num_heads: int = 4, seed: int = 0, *, hidden: int = 64,
-                 vocab: int = 512, save_to: Path | None = None) -> MedusaHeads:  # fmt: skip
+def random_heads(
+    model=None,
+    num_heads: int = 4,
+    seed: int = 0,
+    *,
+    hidden: int = 64,
+    vocab: int = 512,
+    save_to: Path | None = None,
+) -> MedusaHeads:
     """Heads with random weights (they propose real, mostly wrong, tokens), for `model`'s shape."""
     if model is not None:
         hidden, vocab = model.hidden_size, model.vocab_size
@@ -22,7 +30,7 @@ def random_heads(model=None, num_heads: int = 4, seed: int = 0, *, hidden: int =
     for p in heads.parameters():
         torch.nn.init.normal_(p, std=0.3)
     if save_to is not None:
-        heads.save(save_to)
+        save_heads(heads, save_to)
     return heads
 
 
@@ -30,31 +38,38 @@ class OracleDrafter(LogitsDrafter):
     """Proposes the reference continuation (or, adversarially, anything but it).
 
     The session holds the prompt and every emitted token but the last (the current root), so
-    the heads must propose ref[done + 1 : done + 1 + K] with done = tokens emitted before it.
+    the heads must propose ref[done + 1 : done + 1 + J] with done = tokens emitted before it.
     `truth_rank` puts the right token at that top-k rank of head 0 (exercises branch paths).
     """
 
-    def __init__(self, ref: list[int], prompt_len: int, num_heads: int, vocab: int,
-                 adversarial: bool = False, truth_rank: int = 0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        ref: list[int],
+        prompt_len: int,
+        num_heads: int,
+        vocab: int,
+        adversarial: bool = False,
+        truth_rank: int = 0,
+    ) -> None:
         self.ref, self.prompt_len, self.num_heads, self.vocab = ref, prompt_len, num_heads, vocab
         self.adversarial, self.truth_rank = adversarial, truth_rank
         self.gen = torch.Generator().manual_seed(0)
 
     def logits(self, hidden_E: torch.Tensor, token_ids: Sequence[int]) -> torch.Tensor:
         done = len(token_ids) - self.prompt_len
-        logits_KV = torch.rand(self.num_heads, self.vocab, generator=self.gen)
-        for k in range(self.num_heads):
-            i = done + 1 + k
+        logits_JV = torch.rand(self.num_heads, self.vocab, generator=self.gen)
+        for j in range(self.num_heads):
+            i = done + 1 + j
             if i >= len(self.ref):
                 continue
             truth = self.ref[i]
             if self.adversarial:
-                logits_KV[k, truth] = float("-inf")
-            elif k == 0 and self.truth_rank > 0:
-                logits_KV[k, truth] = 2.0
-                top = torch.topk(logits_KV[k], self.truth_rank + 1).indices
-                logits_KV[k, top[: self.truth_rank]] = 3.0 + torch.arange(self.truth_rank).float()
-                logits_KV[k, truth] = 2.5
+                logits_JV[j, truth] = float("-inf")
+            elif j == 0 and self.truth_rank > 0:
+                logits_JV[j, truth] = 2.0
+                top = torch.topk(logits_JV[j], self.truth_rank + 1).indices
+                logits_JV[j, top[: self.truth_rank]] = 3.0 + torch.arange(self.truth_rank).float()
+                logits_JV[j, truth] = 2.5
             else:
-                logits_KV[k, truth] = 10.0
-        return logits_KV.to(hidden_E.dtype)
+                logits_JV[j, truth] = 10.0
+        return logits_JV.to(hidden_E.dtype)

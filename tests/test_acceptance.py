@@ -13,11 +13,11 @@ from medusa_engine.acceptance import (
     accept_greedy,
     accept_lossless,
     accept_typical,
-    sampling_logp,
     typical_threshold,
 )
 from medusa_engine.candidates import fill_tree, path_tokens
 from medusa_engine.config import SamplingConfig
+from medusa_engine.sampling import sampling_logp
 from medusa_engine.tree import build_tree
 
 V = 8

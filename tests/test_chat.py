@@ -23,10 +23,23 @@ def test_chat_through_a_pipe(stories260k, tmp_path):
     random_heads(save_to=tmp_path / "heads")
     script = "Once upon a time\nThe dog\n/stats\n/reset\nTom had a red ball\n/quit\nnever read\n"
     proc = subprocess.run(
-        [sys.executable, "-m", "medusa_engine.cli", "chat", "--model", "stories260k",
-         "--heads", str(tmp_path / "heads"), "--max-new-tokens", str(MAX_NEW)],
-        input=script, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "medusa_engine.cli",
+            "chat",
+            "--model",
+            "stories260k",
+            "--heads",
+            str(tmp_path / "heads"),
+            "--max-new-tokens",
+            str(MAX_NEW),
+        ],
+        input=script,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     replies = [line[2:] for line in proc.stdout.splitlines() if line.startswith("> ") and line[2:]]
     stats = [line for line in proc.stdout.splitlines() if line.startswith("[")]

@@ -11,8 +11,9 @@ import torch
 
 from medusa_engine.drafters import make_drafter
 from medusa_engine.dynamic_tree import DynamicTree, grow, parse_dynamic, tree_from_parents
-from medusa_engine.generate import MedusaGenerator
+from medusa_engine.engine import build_engine
 from medusa_engine.tree import InvalidTreeError, tree_from_name
+from medusa_engine.tree_spec import parse_tree
 from tests.helpers import OracleDrafter, random_heads
 from tests.test_recurrent_heads import random_recurrent
 
@@ -86,23 +87,23 @@ def test_dynamic_tree_keeps_greedy_output(stories260k, prompt_ids, kind, lookup)
     heads = (
         random_recurrent(stories260k, seed=2) if kind == "recurrent" else random_heads(stories260k)
     )
-    plain = MedusaGenerator(stories260k, None, "plain")
-    engine = MedusaGenerator(stories260k, heads, "dynamic:12:4:3", lookup=lookup)
+    plain = build_engine(stories260k, None, "plain")
+    engine = build_engine(stories260k, heads, "dynamic:12:4:3", lookup=lookup)
     for ids in prompt_ids[:3]:
         assert engine.generate(ids, 48).token_ids == plain.generate(ids, 48).token_ids
 
 
 def test_recurrent_heads_unroll_deeper_than_trained(stories260k, prompt_ids):
     heads = random_recurrent(stories260k, num_heads=2, seed=2)
-    plain = MedusaGenerator(stories260k, None, "plain")
-    engine = MedusaGenerator(stories260k, heads, "dynamic:12:4:3:4")  # 2 trained depths, 4 deep
+    plain = build_engine(stories260k, None, "plain")
+    engine = build_engine(stories260k, heads, "dynamic:12:4:3:4")  # 2 trained depths, 4 deep
     assert engine.tree.max_depth == 4
     for ids in prompt_ids[:2]:
         assert engine.generate(ids, 40).token_ids == plain.generate(ids, 40).token_ids
     with pytest.raises(InvalidTreeError, match="at most 4 deep"):
-        engine.set_tree("dynamic:12:4:3:5")
+        parse_tree("dynamic:12:4:3:5", engine.drafter)
     with pytest.raises(InvalidTreeError, match="at most 2 deep"):
-        MedusaGenerator(stories260k, random_heads(stories260k, num_heads=2), "dynamic:12:4:3:3")
+        build_engine(stories260k, random_heads(stories260k, num_heads=2), "dynamic:12:4:3:3")
 
 
 @pytest.mark.parametrize("kind", ["recurrent", "medusa"])
@@ -128,13 +129,13 @@ def test_confidence_temperatures_shape_the_tree_per_depth(stories260k, kind):
 
 def test_dynamic_tree_follows_a_confident_drafter(stories260k, prompt_ids):
     ids = prompt_ids[0]
-    ref = MedusaGenerator(stories260k, None, "plain").generate(ids, 64).token_ids
+    ref = build_engine(stories260k, None, "plain").generate(ids, 64).token_ids
     drafter = OracleDrafter(ref, len(ids), 4, stories260k.vocab_size)
-    result = MedusaGenerator(stories260k, drafter, "dynamic:8:4:2").generate(ids, 64)
+    result = build_engine(stories260k, drafter, "dynamic:8:4:2").generate(ids, 64)
     assert result.token_ids == ref
     assert set(result.accepted_lengths[:-1]) == {5}  # the sure path is always in the tree
     side = OracleDrafter(ref, len(ids), 4, stories260k.vocab_size, truth_rank=1)
-    result = MedusaGenerator(stories260k, side, "dynamic:8:4:2").generate(ids, 64)
+    result = build_engine(stories260k, side, "dynamic:8:4:2").generate(ids, 64)
     assert result.token_ids == ref and result.mean_accepted > 3.0
 
 
@@ -142,10 +143,7 @@ def test_dynamic_tree_samples_and_refuses_static_steps(stories260k, prompt_ids):
     from medusa_engine.config import SamplingConfig
 
     heads = random_recurrent(stories260k, seed=2)
-    engine = MedusaGenerator(
-        stories260k, heads, "dynamic:10", SamplingConfig(temperature=0.8, seed=1)
-    )
+    engine = build_engine(stories260k, heads, "dynamic:10", SamplingConfig(temperature=0.8, seed=1))
     assert len(engine.generate(prompt_ids[0], 24).token_ids) == 24
-    engine.static = True  # as a --static-step engine: its step is one fixed-shape graph
-    with pytest.raises(ValueError, match="static"):
-        engine.set_tree("dynamic:10")
+    with pytest.raises(ValueError, match="static tree"):
+        build_engine(stories260k, heads, "dynamic:10", static=True)

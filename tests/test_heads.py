@@ -8,9 +8,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from medusa_engine.config import HeadsConfig
+from medusa_engine.config import HeadsConfig, HeadsError
 from medusa_engine.drafters import HeadsDrafter
-from medusa_engine.heads import HeadsError, MedusaHeads
+from medusa_engine.heads import MedusaHeads
+from medusa_engine.heads_io import load_heads, save_heads
 from medusa_engine.int8_linear import Int8Linear, int8_supported
 
 E, V = 16, 40
@@ -37,8 +38,8 @@ def test_save_load_roundtrip(tmp_path, shared):
     heads = MedusaHeads(HeadsConfig(2, 2, E, V, shared_lm_head=shared, base_model="toy"))
     for p in heads.parameters():
         torch.nn.init.normal_(p)
-    heads.save(tmp_path / "h")
-    loaded = MedusaHeads.load(tmp_path / "h")
+    save_heads(heads, tmp_path / "h")
+    loaded = load_heads(tmp_path / "h", "medusa")
     assert loaded.config == heads.config
     for (k, a), (_, b) in zip(heads.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), k
@@ -51,8 +52,11 @@ def test_save_load_roundtrip(tmp_path, shared):
 def write_published(path, num_heads=2, num_layers=1, fmt="safetensors"):
     """A folder in the FasterDecoding/Medusa layout, weights keyed `{k}.{j}.linear.*`."""
     path.mkdir()
-    config = {"medusa_num_heads": num_heads, "medusa_num_layers": num_layers,
-              "base_model_name_or_path": "lmsys/vicuna-7b-v1.3"}  # fmt: skip
+    config = {
+        "medusa_num_heads": num_heads,
+        "medusa_num_layers": num_layers,
+        "base_model_name_or_path": "lmsys/vicuna-7b-v1.3",
+    }
     (path / "config.json").write_text(json.dumps(config))
     state = {}
     for k in range(num_heads):
@@ -70,7 +74,7 @@ def write_published(path, num_heads=2, num_layers=1, fmt="safetensors"):
 @pytest.mark.parametrize("fmt", ["safetensors", "pt"])
 def test_loads_the_published_medusa_format(tmp_path, fmt):
     state = write_published(tmp_path / "m", fmt=fmt)
-    heads = MedusaHeads.load(tmp_path / "m")
+    heads = load_heads(tmp_path / "m", "medusa")
     assert heads.config.num_heads == 2 and not heads.config.shared_lm_head
     assert heads.config.base_model == "lmsys/vicuna-7b-v1.3"
     x = torch.randn(4, E)
@@ -88,22 +92,31 @@ def test_mismatched_model_is_a_clear_error():
 
 def test_bad_folders_are_clear_errors(tmp_path):
     with pytest.raises(HeadsError, match="not found"):
-        MedusaHeads.load(tmp_path / "missing")
+        load_heads(tmp_path / "missing", "medusa")
     with pytest.raises(HeadsError, match="no config.json"):
-        MedusaHeads.load(tmp_path)
+        load_heads(tmp_path, "medusa")
     (tmp_path / "config.json").write_text("{nope")
     with pytest.raises(HeadsError, match="not valid JSON"):
-        MedusaHeads.load(tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps({"format": "medusa-engine", "num_heads": 2,
-        "num_layers": 1, "hidden_size": E, "vocab_size": V}))  # fmt: skip
+        load_heads(tmp_path, "medusa")
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {
+                "format": "medusa-engine",
+                "num_heads": 2,
+                "num_layers": 1,
+                "hidden_size": E,
+                "vocab_size": V,
+            }
+        )
+    )
     with pytest.raises(HeadsError, match="no heads.safetensors"):
-        MedusaHeads.load(tmp_path)
+        load_heads(tmp_path, "medusa")
     (tmp_path / "heads.safetensors").write_bytes(b"not a safetensors file")  # a cut download
     with pytest.raises(HeadsError, match="cannot read .*heads.safetensors"):
-        MedusaHeads.load(tmp_path)
+        load_heads(tmp_path, "medusa")
     save_file({"blocks.0.0.linear.weight": torch.zeros(E, E)}, str(tmp_path / "heads.safetensors"))
     with pytest.raises(HeadsError, match="do not match"):
-        MedusaHeads.load(tmp_path)
+        load_heads(tmp_path, "medusa")
 
 
 def test_out_map_starts_as_the_identity_and_can_cancel_the_hidden_state(tmp_path):
@@ -113,8 +126,8 @@ def test_out_map_starts_as_the_identity_and_can_cancel_the_hidden_state(tmp_path
     with torch.no_grad():
         heads.blocks[0][-1].linear.weight.copy_(-torch.eye(E))  # x + U x with U = -I is 0
     assert heads.hidden(x)[:, 0].abs().max() < 1e-6
-    heads.save(tmp_path / "h")
-    loaded = MedusaHeads.load(tmp_path / "h")
+    save_heads(heads, tmp_path / "h")
+    loaded = load_heads(tmp_path / "h", "medusa")
     assert loaded.config.out_map
     torch.testing.assert_close(loaded.hidden(x), heads.hidden(x))
 
@@ -125,8 +138,9 @@ def test_out_map_starts_as_the_identity_and_can_cancel_the_hidden_state(tmp_path
 @pytest.mark.parametrize("shared", [True, False])
 def test_int8_medusa_drafting_proposes_what_float_drafting_does(stories260k, shared):
     torch.manual_seed(0)
-    config = HeadsConfig(3, 1, stories260k.hidden_size, stories260k.vocab_size,
-                         shared_lm_head=shared)  # fmt: skip
+    config = HeadsConfig(
+        3, 1, stories260k.hidden_size, stories260k.vocab_size, shared_lm_head=shared
+    )
     heads = MedusaHeads(config)
     heads.init_from_base(stories260k.lm_head.weight.detach())  # own heads: the base's rows
     exact = HeadsDrafter(heads, stories260k, int8=False)

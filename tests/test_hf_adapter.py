@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from medusa_engine.config import HeadsConfig
-from medusa_engine.generate import MedusaGenerator
+from medusa_engine.engine import build_engine
 from medusa_engine.heads import MedusaHeads
 from medusa_engine.tree import tree_from_name
 from tests.helpers import OracleDrafter
@@ -31,7 +31,7 @@ def test_tree_logits_equal_sequential_logits(name, request):
 
     session = model.new_session()
     model.forward(torch.tensor(prompt), torch.arange(len(prompt)), session)
-    session.token_ids.extend(prompt)
+    session.commit(0, prompt)
     hidden_NE = model.forward(tokens_N, tree.depth_N + len(prompt), session, tree.mask_NN)
     tree_logits_NV = model.logits(hidden_NE)
 
@@ -54,11 +54,15 @@ def test_cache_after_each_step_equals_sequential_decoding(name, request):
     model = request.getfixturevalue(name)
     prompt = [1, 403, 407, 261, 378] if name == "stories260k" else [5, 17, 3, 44, 9]
     ref = model.model.generate(
-        torch.tensor([prompt]), max_new_tokens=48, do_sample=False, eos_token_id=None, pad_token_id=0,
-    )[0, len(prompt) :].tolist()  # fmt: skip
+        torch.tensor([prompt]),
+        max_new_tokens=48,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+    )[0, len(prompt) :].tolist()
     # The truth sits at rank 1 of head 0: kept paths jump across the tree, so compaction gathers.
     drafter = OracleDrafter(ref, len(prompt), 4, model.vocab_size, truth_rank=1)
-    engine = MedusaGenerator(model, drafter, "cpu_16")
+    engine = build_engine(model, drafter, "cpu_16")
     session = model.new_session()
     steps = 0
     for _ in engine.stream(prompt, 48, session=session, eos_token_ids=[]):

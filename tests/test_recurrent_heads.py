@@ -15,10 +15,10 @@ import torch.nn.functional as F
 
 from medusa_engine import train_heads as th
 from medusa_engine import train_recurrent as tr
-from medusa_engine.config import HeadsConfig
+from medusa_engine.config import HeadsConfig, HeadsError
 from medusa_engine.drafters import RecurrentDrafter, depth_plans
-from medusa_engine.generate import MedusaGenerator
-from medusa_engine.heads import HeadsError, MedusaHeads, load_heads
+from medusa_engine.engine import build_engine
+from medusa_engine.heads_io import load_heads, save_heads
 from medusa_engine.int8_linear import Int8Linear, int8_supported
 from medusa_engine.recurrent_heads import RecurrentHeads
 from medusa_engine.train_data import encode_dataset, load_records
@@ -138,8 +138,8 @@ def test_depth_plans_only_advance_nodes_with_children():
 @pytest.mark.parametrize("tree_name", ["cpu_16", "mc_sim_7b_63"])
 def test_greedy_output_equals_plain_greedy(stories260k, tree_name):
     heads = random_recurrent(stories260k, seed=3)
-    plain = MedusaGenerator(stories260k, None, "plain")
-    engine = MedusaGenerator(stories260k, heads, tree_name)
+    plain = build_engine(stories260k, None, "plain")
+    engine = build_engine(stories260k, heads, tree_name)
     for prompt in PROMPTS[:5]:
         ids = stories260k.tokenizer(prompt)["input_ids"]
         want = plain.generate(ids, 48).token_ids
@@ -148,13 +148,13 @@ def test_greedy_output_equals_plain_greedy(stories260k, tree_name):
 
 def test_save_load_round_trip(stories260k, tmp_path):
     heads = random_recurrent(stories260k)
-    heads.save(tmp_path / "h")
+    save_heads(heads, tmp_path / "h")
     loaded = load_heads(tmp_path / "h")
     assert isinstance(loaded, RecurrentHeads) and loaded.config == heads.config
     for (k, a), b in zip(heads.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(a, b), k
-    with pytest.raises(HeadsError, match="recurrent heads, not Medusa"):
-        MedusaHeads.load(tmp_path / "h")
+    with pytest.raises(HeadsError, match="recurrent heads, not medusa heads"):
+        load_heads(tmp_path / "h", "medusa")
     bad = HeadsConfig(4, 1, stories260k.hidden_size + 1, stories260k.vocab_size,
                       kind="recurrent", ffn_size=8)  # fmt: skip
     with pytest.raises(HeadsError, match="expect hidden size"):
@@ -294,10 +294,12 @@ def test_reference_answers_join_training_but_not_from_held_out_prompts(tmp_path,
 
 
 def test_bundled_default_model_heads_and_tree_load():
-    from medusa_engine.cli import _tree_arg
-    from medusa_engine.dynamic_tree import parse_dynamic
+    from types import SimpleNamespace
+
+    from medusa_engine.dynamic_tree import DynamicTree
     from medusa_engine.models import ASSETS
-    from medusa_engine.tree import build_tree
+    from medusa_engine.tree import TreeBuffers, build_tree
+    from medusa_engine.tree_spec import parse_tree
 
     folder = ASSETS / "heads" / "smollm2-135m-instruct"
     heads = load_heads(folder)
@@ -307,12 +309,13 @@ def test_bundled_default_model_heads_and_tree_load():
     tuned = json.loads((folder / "tree.json").read_text())  # a `tune-tree --out` file
     tree = build_tree([tuple(p) for p in tuned["paths"]], heads.num_heads)  # its best static tree
     assert 1 < tree.num_nodes <= 128
-    spec = _tree_arg(str(folder / "tree.json"))  # what `--tree default` runs
+    drafter = SimpleNamespace(num_heads=heads.num_heads, max_depth=2 * heads.num_heads)
+    resolved = parse_tree(str(folder / "tree.json"), drafter)  # what `--tree default` runs
     if tuned.get("dynamic_nodes"):
-        dynamic = parse_dynamic(spec)
-        assert dynamic is not None and dynamic.for_heads(heads.num_heads).nodes > 1
+        assert isinstance(resolved, DynamicTree) and resolved.nodes == tuned["dynamic_nodes"]
     else:
-        assert spec == [tuple(p) for p in tuned["paths"]]
+        assert isinstance(resolved, TreeBuffers)
+        assert torch.equal(resolved.paths_PL, tree.paths_PL)
     metrics = json.loads((folder / "metrics.json").read_text())
     assert len(metrics["heads"]) == heads.num_heads
 
@@ -351,8 +354,8 @@ def test_lookup_branch_keeps_greedy_output_and_gets_accepted(stories260k, heads_
     assert tree.num_nodes == 22 and tree.max_depth == 5
     assert tree.mask_NN[21].nonzero()[:, 0].tolist() == [0, 17, 18, 19, 20, 21]
     heads = random_recurrent(stories260k, seed=5) if heads_kind == "recurrent" else None
-    plain = MedusaGenerator(stories260k, None, "plain")
-    engine = MedusaGenerator(stories260k, heads, "cpu_16" if heads else "plain", lookup=8)
+    plain = build_engine(stories260k, None, "plain")
+    engine = build_engine(stories260k, heads, "cpu_16" if heads else "plain", lookup=8)
     accepted = 0
     for prompt in PROMPTS[:6]:
         # A repeated sentence: the continuation copies it, so the branch must pay off somewhere.

@@ -12,9 +12,10 @@ import torch
 
 from attention.api import attention, attention_static, prepare_static
 from attention.kv_cache import StaticKVCache
-from medusa_engine.generate import MedusaGenerator
-from medusa_engine.heads import load_heads
+from medusa_engine.engine import build_engine
+from medusa_engine.heads_io import load_heads
 from medusa_engine.hf_adapter import HFModel
+from medusa_engine.model import DecodeState
 from medusa_engine.models import ASSETS
 from medusa_engine.static_step import StaticStep
 from medusa_engine.tree import tree_from_name
@@ -34,9 +35,9 @@ def test_static_steps_equal_plain_greedy_and_the_eager_steps(model_sdpa, tree):
     heads = load_heads(HEADS)
     for prompt in PROMPTS[:3]:
         ids = model_sdpa.tokenizer(prompt)["input_ids"]
-        plain = MedusaGenerator(model_sdpa, None, "plain").generate(ids, 64)
-        eager = MedusaGenerator(model_sdpa, heads, tree).generate(ids, 64)
-        static = MedusaGenerator(model_sdpa, heads, tree, static=True).generate(ids, 64)
+        plain = build_engine(model_sdpa, None, "plain").generate(ids, 64)
+        eager = build_engine(model_sdpa, heads, tree).generate(ids, 64)
+        static = build_engine(model_sdpa, heads, tree, static=True).generate(ids, 64)
         assert static.token_ids == plain.token_ids
         # Same acceptance step by step: the device-side compaction kept the right cache rows.
         assert static.accepted_lengths == eager.accepted_lengths
@@ -46,46 +47,52 @@ def test_static_steps_equal_plain_greedy_and_the_eager_steps(model_sdpa, tree):
 
 def test_static_generator_reuses_a_session_across_requests(model_sdpa):
     heads = load_heads(HEADS)
-    engine = MedusaGenerator(model_sdpa, heads, "cpu_16", static=True)
+    engine = build_engine(model_sdpa, heads, "cpu_16", static=True)
     session = model_sdpa.new_session(512)
     ids = model_sdpa.tokenizer(PROMPTS[0])["input_ids"]
     first = engine.generate(ids, 40, session=session).token_ids
     follow = ids + first + model_sdpa.tokenizer(" The end.")["input_ids"]
     second = engine.generate(follow, 40, session=session).token_ids
-    fresh = MedusaGenerator(model_sdpa, None, "plain").generate(follow, 40).token_ids
+    fresh = build_engine(model_sdpa, None, "plain").generate(follow, 40).token_ids
     assert second == fresh
     assert len(session) == len(follow) + len(second) - 1
 
 
-def test_static_step_leaves_the_host_length_to_run(model_sdpa):
+def test_static_step_commits_what_it_emits(model_sdpa):
     heads = load_heads(HEADS)
-    engine = MedusaGenerator(model_sdpa, heads, "cpu_16")
+    engine = build_engine(model_sdpa, heads, "cpu_16")
     session = model_sdpa.new_session(256)
     ids = model_sdpa.tokenizer(PROMPTS[1])["input_ids"]
-    hidden_E, root = engine._prefill(ids, session)
+    state = engine.prefill(ids, session)
     step = StaticStep(model_sdpa, engine.drafter, engine.tree, session)
-    emitted = step.run(hidden_E, root, len(ids))
+    after, emitted = step.run(state)
     assert 1 <= len(emitted) <= engine.tree.max_depth + 1
-    assert session.cache.static.length == len(ids) + len(emitted)
+    assert session.static.length == len(ids) + len(emitted) == len(session)
+    assert session.token_ids == [*ids, state.root, *emitted[:-1]]
+    assert after.root == emitted[-1]
     assert int(step.length_t) == len(ids) + len(emitted)
     assert int(step.root_t) == emitted[-1]
 
 
 def test_static_mode_rejects_what_it_cannot_capture(stories260k, model_sdpa):
     heads = load_heads(HEADS)
-    with pytest.raises(ValueError, match="static"):
-        MedusaGenerator(stories260k, heads, "cpu_16", static=True)  # attention="hf"
+    with pytest.raises(ValueError, match="static cache"):  # attention="hf": no static cache
+        build_engine(stories260k, heads, "cpu_16", static=True).generate([1, 2, 3], 4)
     with pytest.raises(ValueError, match="lookup"):
-        MedusaGenerator(model_sdpa, heads, "cpu_16", static=True, lookup=3)
+        build_engine(model_sdpa, heads, "cpu_16", static=True, lookup=3)
     session = model_sdpa.new_session(64)
     with pytest.raises(ValueError, match="drafter"):
         StaticStep(model_sdpa, None, tree_from_name("cpu_16", 4), session)
     step = StaticStep(model_sdpa, None, tree_from_name("plain", 0), session)
+    state = DecodeState(torch.zeros(model_sdpa.hidden_size), 1)
+    full = session.static.max_length
+    session.commit(0, [1] * full)  # every slot taken
     with pytest.raises(ValueError, match="slots"):
-        step.run(torch.zeros(model_sdpa.hidden_size), 1, session.cache.static.max_length)
-    model_sdpa.reserve(session, 4 * session.cache.static.max_length)  # the cache grows
+        step.run(state)
+    session.truncate(0)
+    model_sdpa.reserve(session, 4 * full)  # the cache grows
     with pytest.raises(ValueError, match="reallocated"):
-        step.run(torch.zeros(model_sdpa.hidden_size), 1, 0)
+        step.run(state)
 
 
 def test_cache_write_and_move_equal_append_and_compact():
@@ -130,8 +137,8 @@ def test_prepared_static_mask_equals_the_checked_entry(backend, tree):
 def test_graph_captured_steps_equal_plain_greedy_on_cuda(backend):
     model = HFModel.load("stories260k", dtype="fp32", device="cuda", attention=backend)
     heads = load_heads(HEADS)
-    engine = MedusaGenerator(model, heads, "mc_sim_7b_63", static=True)
-    plain = MedusaGenerator(model, None, "plain")
+    engine = build_engine(model, heads, "mc_sim_7b_63", static=True)
+    plain = build_engine(model, None, "plain")
     for prompt in PROMPTS[:4]:
         ids = model.tokenizer(prompt)["input_ids"]
         expected = plain.generate(ids, 96).token_ids

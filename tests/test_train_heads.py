@@ -12,7 +12,7 @@ import torch
 
 from medusa_engine import train_heads as th
 from medusa_engine.distill import DistillConfig, left_pad, self_distill
-from medusa_engine.heads import MedusaHeads
+from medusa_engine.heads_io import load_heads
 from medusa_engine.train_data import (
     Example,
     TrainDataError,
@@ -230,7 +230,7 @@ def test_cli_writes_loadable_heads_and_metrics(stories_file, tmp_path, capsys):
                   "--steps", "2", "--batch-size", "4", "--max-length", "48", "--num-heads", "2",
                   "--precision", "fp32", "--eval-fraction", "0.1"])  # fmt: skip
     assert rc == 0, capsys.readouterr().err
-    heads = MedusaHeads.load(out)
+    heads = load_heads(out, "medusa")
     assert heads.num_heads == 2 and heads.config.shared_lm_head
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 2 and len(metrics["heads"]) == 2

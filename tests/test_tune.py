@@ -6,7 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from medusa_engine import calibration as cal
 from medusa_engine import tune
+from medusa_engine.dynamic_tree import DynamicTree
+from medusa_engine.engine import build_engine
 from medusa_engine.generate import MedusaGenerator
 from medusa_engine.tree import build_tree
 from medusa_engine.trees import TREE_PRESETS
@@ -15,7 +18,7 @@ from tests.helpers import OracleDrafter, random_heads
 
 def test_node_values_are_joint_rank_prefix_frequencies():
     rank_TK = torch.tensor([[0, 0], [0, 1], [1, 0], [0, 0], [3, 3]])  # top_k = 3: 3 = absent
-    value = tune.node_values(rank_TK, top_k=3)
+    value = cal.node_values(rank_TK, top_k=3)
     assert value((0,)) == pytest.approx(3 / 5)
     assert value((0, 0)) == pytest.approx(2 / 5)
     assert value((1, 0)) == pytest.approx(1 / 5)
@@ -29,7 +32,7 @@ def test_best_first_prefixes_are_the_best_trees_of_each_size():
     rank_TK = torch.stack(
         [torch.multinomial(p, 400, replacement=True, generator=gen) for p in probs], 1
     )
-    value = tune.node_values(rank_TK, top_k=4)
+    value = cal.node_values(rank_TK, top_k=4)
     ranked = tune.best_first(value, num_heads=3, top_k=4, max_nodes=30)
     values = [v for _, v in ranked]
     assert values == sorted(values, reverse=True)
@@ -48,18 +51,18 @@ def test_best_first_prefixes_are_the_best_trees_of_each_size():
 def test_walk_tau_follows_the_steps_generation_takes():
     # Positions 0..5 of one text: a step at t accepts a(t) and the next starts at t + a(t) + 1.
     accepted = [3, 0, 0, 0, 1, 0]  # steps at t = 0 (emits 4), t = 4 (emits 2): tau 3
-    assert tune.walk_tau(accepted, [(0, 6)]) == pytest.approx(3.0)
+    assert cal.walk_tau(accepted, [(0, 6)]) == pytest.approx(3.0)
     assert 1 + sum(accepted) / len(accepted) == pytest.approx(5 / 3)  # not the position mean
     # Two texts are walked separately: text 1 steps at t = 0 (emits 2), which runs past its end;
     # text 2 at t = 2 (emits 3) and t = 5 (emits 1). Position 3's a = 3 is skipped.
-    assert tune.walk_tau([1, 0, 2, 3, 0, 0], [(0, 2), (2, 6)]) == pytest.approx((2 + 3 + 1) / 3)
+    assert cal.walk_tau([1, 0, 2, 3, 0, 0], [(0, 2), (2, 6)]) == pytest.approx((2 + 3 + 1) / 3)
 
 
 def test_calibration_tau_is_the_walk_over_each_trees_longest_accepted_prefix():
     gen = torch.Generator().manual_seed(1)
     rank_TK = torch.randint(0, 4, (300, 3), generator=gen)  # top_k = 3: rank 3 = absent
     segments = [(0, 120), (120, 300)]
-    calibration = tune.Calibration(rank_TK, segments, top_k=3)
+    calibration = cal.Calibration(rank_TK, segments, top_k=3)
     ranked = [p for p, _ in tune.best_first(calibration.value, num_heads=3, top_k=3, max_nodes=20)]
     taus = calibration.taus(ranked)
     for n in (1, 5, 19):
@@ -70,7 +73,7 @@ def test_calibration_tau_is_the_walk_over_each_trees_longest_accepted_prefix():
             while d < 3 and tuple(row[: d + 1]) in tree:
                 d += 1
             accepted.append(d)
-        assert taus[n - 1] == pytest.approx(tune.walk_tau(accepted, segments))
+        assert taus[n - 1] == pytest.approx(cal.walk_tau(accepted, segments))
         assert calibration.tau(ranked[:n]) == pytest.approx(taus[n - 1])
     assert calibration.tau([]) == 1.0
     assert calibration.tau([(3,), (3, 0)]) == 1.0  # ranks never observed are never accepted
@@ -115,18 +118,18 @@ def test_interpolation_is_linear_between_measured_sizes():
 
 @pytest.fixture(scope="module")
 def engine(stories260k):
-    return MedusaGenerator(stories260k, random_heads(stories260k), "plain")
+    return build_engine(stories260k, random_heads(stories260k), "plain")
 
 
 def test_static_and_dynamic_trees_of_a_size_are_timed_in_turns(engine, monkeypatch):
     seen: list[str] = []
-    real_step = engine._step
+    real_step = MedusaGenerator.step
 
-    def step(*args):
-        seen.append(f"{type(engine.tree).__name__}:{engine.tree.num_nodes}")
-        return real_step(*args)
+    def step(self, *args):
+        seen.append(f"{type(self.tree).__name__}:{self.tree.num_nodes}")
+        return real_step(self, *args)
 
-    monkeypatch.setattr(engine, "_step", step)
+    monkeypatch.setattr(MedusaGenerator, "step", step)
     static, dynamic = tune.measure_latency(engine, [1, 4, 8], repeats=2, dynamic_sizes=[4, 8])
     assert list(static) == [1, 4, 8] and list(dynamic) == [4, 8]
     assert all(
@@ -135,12 +138,16 @@ def test_static_and_dynamic_trees_of_a_size_are_timed_in_turns(engine, monkeypat
         for a, b in zip(curve.values(), list(curve.values())[1:])
     )
     # First pass: a warm-up + 2 runs per tree; the two kinds of a size take turns.
-    assert seen[:15] == ["TreeBuffers:1"] * 3 + ["TreeBuffers:4", "DynamicTree:4"] * 3 + [
-        "TreeBuffers:8", "DynamicTree:8"] * 3  # fmt: skip
+    assert (
+        seen[:15]
+        == ["TreeBuffers:1"] * 3
+        + ["TreeBuffers:4", "DynamicTree:4"] * 3
+        + ["TreeBuffers:8", "DynamicTree:8"] * 3
+    )
 
 
 def test_tuned_tree_beats_every_preset_on_the_same_measurements(engine):
-    prompts = tune.calibration_prompts(engine.model.tokenizer, limit=None)[:6]
+    prompts = cal.calibration_prompts(engine.model.tokenizer, limit=None)[:6]
     tuned, calibration = tune.tune(engine, prompts=prompts, new_tokens=24, sizes=(1, 4, 16, 64))
     tree = build_tree([tuple(p) for p in tuned.paths], num_heads=4)
     assert tree.num_nodes == len(tuned.paths) + 1
@@ -159,23 +166,23 @@ def test_tuned_tree_beats_every_preset_on_the_same_measurements(engine):
     dyn_best = max(tau / tuned.dynamic_latency_ms[n] for n, tau in tuned.dynamic_tau.items())
     assert ratio == pytest.approx(max(static_tau / static_ms, dyn_best))
     if tuned.dynamic_nodes:
-        assert tuned.tree == f"dynamic:{tuned.dynamic_nodes}"
+        assert tuned.spec() == DynamicTree(tuned.dynamic_nodes)
     else:
-        assert tuned.tree == tuned.paths
+        assert tuned.spec() == tuned.paths
 
 
 def test_dynamic_tau_counts_the_true_path(stories260k, prompt_ids):
     """An oracle drafter's dynamic tree always holds the true continuation: τ = K + 1."""
     ids = prompt_ids[0]
-    plain = MedusaGenerator(stories260k, None, "plain")
+    plain = build_engine(stories260k, None, "plain")
     ref = plain.generate(ids, 24).token_ids
     oracle = OracleDrafter(ref, len(ids), 3, stories260k.vocab_size)
-    engine = MedusaGenerator(stories260k, oracle, "plain")
-    positions = list(tune.calibration_positions(engine, [ids], 24))
-    assert tune.dynamic_taus(engine, positions, [4, 8]) == {4: 4.0, 8: 4.0}
+    engine = build_engine(stories260k, oracle, "plain")
+    positions = list(cal.calibration_positions(engine, [ids], 24))
+    assert cal.dynamic_taus(engine, positions, [4, 8]) == {4: 4.0, 8: 4.0}
     adversary = OracleDrafter(ref, len(ids), 3, stories260k.vocab_size, adversarial=True)
-    engine = MedusaGenerator(stories260k, adversary, "plain")
-    assert tune.dynamic_taus(engine, positions, [4, 8]) == {4: 1.0, 8: 1.0}
+    engine = build_engine(stories260k, adversary, "plain")
+    assert cal.dynamic_taus(engine, positions, [4, 8]) == {4: 1.0, 8: 1.0}
 
 
 class PartialOracle(OracleDrafter):
@@ -198,15 +205,15 @@ def test_walk_tau_is_the_tau_the_engine_reaches(stories260k, prompt_ids, tree):
     """Greedy fp32: generation takes exactly the steps the walk predicts, so over the positions
     calibration covers, the engine's τ is the tuner's τ (the plain position mean is not)."""
     ids, new = prompt_ids[0], 40
-    ref = MedusaGenerator(stories260k, None, "plain").generate(ids, new).token_ids
+    ref = build_engine(stories260k, None, "plain").generate(ids, new).token_ids
     drafter = PartialOracle(ref, len(ids), 3, stories260k.vocab_size)
-    engine = MedusaGenerator(stories260k, drafter, tree)
-    positions = list(tune.calibration_positions(engine, [ids], new))
+    engine = build_engine(stories260k, drafter, tree)
+    positions = list(cal.calibration_positions(engine, [ids], new))
     if tree.startswith("dynamic"):
-        predicted = tune.dynamic_taus(engine, positions, [8])[8]
+        predicted = cal.dynamic_taus(engine, positions, [8])[8]
     else:
-        ranks = tune.head_ranks(engine, positions, top_k=10)
-        calibration = tune.Calibration(ranks, tune.prompt_segments(positions), top_k=10)
+        ranks = cal.head_ranks(engine, positions, top_k=10)
+        calibration = cal.Calibration(ranks, cal.prompt_segments(positions), top_k=10)
         predicted = calibration.tau(TREE_PRESETS[tree])
     emitted = engine.generate(ids, new + 8).accepted_lengths
     last_t = positions[-1][2]
@@ -214,8 +221,9 @@ def test_walk_tau_is_the_tau_the_engine_reaches(stories260k, prompt_ids, tree):
     covered = [length for t, length in zip(starts, emitted) if t <= last_t]
     assert len(set(covered)) > 1  # the steps differ, so the walk's path matters
     assert predicted == pytest.approx(sum(covered) / len(covered), abs=1e-12)
-    position_mean = 1 + sum(min(PartialOracle.CORRECT[(t + 1 - len(ids)) % 8], 3)
-                            for _, _, t in positions) / len(positions)  # fmt: skip
+    position_mean = 1 + sum(
+        min(PartialOracle.CORRECT[(t + 1 - len(ids)) % 8], 3) for _, _, t in positions
+    ) / len(positions)
     assert abs(position_mean - predicted) > 0.05
 
 
@@ -233,6 +241,6 @@ def test_auto_tree_is_cached(engine, tmp_path, monkeypatch):
     first = tune.auto_tree(engine, None, messages.append)
     second = tune.auto_tree(engine, None, messages.append)
     assert calls == [1] and first.paths == second.paths == [[0], [0, 0]]
-    assert first.tree == [[0], [0, 0]]  # a cache written before dynamic trees still loads
+    assert first.spec() == [[0], [0, 0]]  # a cache written before dynamic trees still loads
     assert len(messages) == 1 and "tuning the tree" in messages[0]
     assert len(list((tmp_path / "trees").glob("*.json"))) == 1
