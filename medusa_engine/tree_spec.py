@@ -3,8 +3,8 @@
 `parse_tree(value, drafter)` takes any of:
 * a preset name (`trees.TREE_PRESETS`, `plain` included), trimmed to the drafter's depths;
 * `dynamic:N[:TOPK[:BEAM[:DEPTH]]]` (`dynamic_tree.parse_dynamic`);
-* a list of paths, inline JSON (`'[[0], [1], [0, 0]]'`), or a JSON file holding a list of paths
-  or a `tune-tree --out` record (its static paths, or `dynamic_nodes` when a dynamic tree won);
+* a list of paths, or JSON inline (`'[[0], [1], [0, 0]]'`) or in a file: a list of paths or a
+  `tune-tree --out` record (its static paths, or `dynamic_nodes` when a dynamic tree won);
 * a `TreeBuffers` or `DynamicTree` (checked and resolved for the drafter).
 `default` and `auto` depend on the heads' folder and on tuning: `engine.load_engine` resolves them.
 """
@@ -53,7 +53,7 @@ def _from_text(value: str) -> str | list[tuple[int, ...]] | DynamicTree:
     """A preset or `dynamic:` name as it is; the tree of inline JSON or of a JSON file."""
     if value in ("auto", "default"):
         raise InvalidTreeError(f"--tree {value} is resolved when the engine is loaded")
-    if value.lstrip().startswith("["):
+    if value.lstrip().startswith(("[", "{")):
         return _from_json(value, "--tree")
     path = Path(value)
     if value.endswith(".json") or path.is_file():
