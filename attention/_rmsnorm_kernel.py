@@ -1,4 +1,7 @@
-"""The Triton kernel of `attention.rmsnorm.rms_norm_triton` (imports triton at import time)."""
+"""The Triton kernel of `attention.rmsnorm.rms_norm_triton` (imports triton at import time).
+
+Shape legend: B rows (tokens), E features.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +11,9 @@ import triton.language as tl
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, stride_x, stride_out, n_cols, eps,
-                     BLOCK_E: tl.constexpr):  # fmt: skip
+def _rms_norm_kernel(
+    x_ptr, w_ptr, out_ptr, stride_x, stride_out, n_cols, eps, BLOCK_E: tl.constexpr
+):
     row = tl.program_id(0)
     offs_E = tl.arange(0, BLOCK_E)
     ok_E = offs_E < n_cols
@@ -22,11 +26,18 @@ def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, stride_x, stride_out, n_cols, eps,
 
 
 def rms_norm_kernel(
-    x_RE: torch.Tensor, w_E: torch.Tensor, out_RE: torch.Tensor, eps: float
+    x_BE: torch.Tensor, w_E: torch.Tensor, out_BE: torch.Tensor, eps: float
 ) -> None:
-    n_rows, n_cols = x_RE.shape
+    n_rows, n_cols = x_BE.shape
     block = triton.next_power_of_2(n_cols)
     _rms_norm_kernel[(n_rows,)](
-        x_RE, w_E, out_RE, x_RE.stride(0), out_RE.stride(0), n_cols, eps,
-        BLOCK_E=block, num_warps=8 if block >= 4096 else 4,
-    )  # fmt: skip
+        x_BE,
+        w_E,
+        out_BE,
+        x_BE.stride(0),
+        out_BE.stride(0),
+        n_cols,
+        eps,
+        BLOCK_E=block,
+        num_warps=8 if block >= 4096 else 4,
+    )

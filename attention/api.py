@@ -1,7 +1,7 @@
 """One entry point for attention, with an explicit backend.
 
 Shape legend: B batch, H query heads, G key/value heads (H % G == 0), Q queries, K keys (K >= Q),
-D head dim.
+S key slots of a preallocated buffer, D head dim, W = ceil(Q / 64) int64 words of mask bits.
 
 `attention(q, k, v, backend=..., causal=..., tree_mask_QQ=...)` computes attention of Q new
 tokens over K keys whose last Q are those new tokens (bottom-right alignment, see `masks`).
@@ -125,9 +125,15 @@ def attention(
         from attention.flex import attention_flex
 
         out, lse_or_none = attention_flex(
-            q_BHQD, k_BGKD, v_BGKD, scale=scale, kv_len_B=kv_len_B, causal=causal,
-            tree_mask_QQ=None if causal else block_QQ, return_lse=return_lse,
-        )  # fmt: skip
+            q_BHQD,
+            k_BGKD,
+            v_BGKD,
+            scale=scale,
+            kv_len_B=kv_len_B,
+            causal=causal,
+            tree_mask_QQ=None if causal else block_QQ,
+            return_lse=return_lse,
+        )
         if return_lse:
             assert lse_or_none is not None
             return out, lse_or_none
@@ -137,9 +143,14 @@ def attention(
 
         bits_QW = None if causal or block_QQ is None else tree_bitmask_QW(block_QQ)
         out, lse = attention_triton(
-            q_BHQD, k_BGKD, v_BGKD, scale=scale, kv_len_B=kv_len_B, causal=causal,
+            q_BHQD,
+            k_BGKD,
+            v_BGKD,
+            scale=scale,
+            kv_len_B=kv_len_B,
+            causal=causal,
             tree_bits_QW=bits_QW,
-        )  # fmt: skip
+        )
         return (out, lse) if return_lse else out
     mask: torch.Tensor | None
     if kv_len_B is None:
@@ -226,16 +237,25 @@ def attention_static(
         from attention.triton_kernel import attention_triton
 
         return attention_triton(
-            q_BHQD, k_BGSD, v_BGSD, scale=scale, kv_len_B=mask.kv_len_B,
+            q_BHQD,
+            k_BGSD,
+            v_BGSD,
+            scale=scale,
+            kv_len_B=mask.kv_len_B,
             tree_bits_QW=mask.bits_QW,
-        )[0]  # fmt: skip
+        )[0]
     if mask.backend == "flex":
         from attention.flex import attention_flex
 
         return attention_flex(
-            q_BHQD, k_BGSD, v_BGSD, scale=scale, kv_len_B=mask.kv_len_B,
-            block_mask=mask.block_mask, return_lse=False,
-        )[0]  # fmt: skip
+            q_BHQD,
+            k_BGSD,
+            v_BGSD,
+            scale=scale,
+            kv_len_B=mask.kv_len_B,
+            block_mask=mask.block_mask,
+            return_lse=False,
+        )[0]
     if mask.backend == "reference":
         return attention_reference(q_BHQD, k_BGSD, v_BGSD, mask.mask_B1QS, scale)[0]
     return attention_sdpa(q_BHQD, k_BGSD, v_BGSD, mask.mask_B1QS, scale)

@@ -1,7 +1,8 @@
 """FlexAttention (`torch.nn.attention.flex_attention`) with a tree/causal block mask over a cache.
 
 Shape legend: B batch, H query heads, G key/value heads, Q queries (new tokens), S key slots in
-the buffer (row b's valid prefix is kv_len_B[b] <= S), D head dim, QB/KB query/key block counts.
+the buffer (row b's valid prefix is kv_len_B[b] <= S), D head dim. Query and key blocks (of
+`block_size`) have no letter: `n_qb` / `n_kb` count them.
 
 Static shapes: the key buffer may be a preallocated cache of S slots; the valid length is a device
 tensor read by the mask_mod, and the block mask is computed from it by tensor arithmetic
@@ -14,7 +15,7 @@ prefix [0, tree_start) (for causal: below the block's first query), *partial* (t
 decides) when it reaches the tree block or the end of the valid keys, and skipped beyond.
 
 On a CPU, eager flex_attention materialises the full score matrix and ignores the block mask
-(measured on torch 2.13); `torch.compile(flex_attention)` works on a CPU too but takes ~20 s to
+(torch 2.13); `torch.compile(flex_attention)` works on a CPU too but takes ~20 s to
 compile, so `compiled=None` means compiled on CUDA and eager elsewhere.
 """
 
@@ -82,25 +83,27 @@ def flex_block_mask(
     n_kb = -(-max_len // block_size)
     kv_len_B1 = kv_len_B.long().view(-1, 1)
     tree_start_B1 = kv_len_B1 - q_len
-    q_lo_QB = torch.arange(n_qb, device=device) * block_size
-    q_hi_QB = (q_lo_QB + block_size).clamp(max=q_len)
+    # Query block bounds [n_qb]; the keys each (row, query block) sees fully / at all, [B, n_qb].
+    q_lo = torch.arange(n_qb, device=device) * block_size
+    q_hi = (q_lo + block_size).clamp(max=q_len)
     if causal:
-        full_keys_BQ = tree_start_B1 + q_lo_QB + 1  # the block's first query sees keys <= its own
-        visible_keys_BQ = tree_start_B1 + q_hi_QB
+        full_keys = tree_start_B1 + q_lo + 1  # the block's first query sees keys <= its own
+        visible_keys = tree_start_B1 + q_hi
     elif block_QQ is not None:
-        full_keys_BQ = tree_start_B1.expand(-1, n_qb)
-        visible_keys_BQ = kv_len_B1.expand(-1, n_qb)
+        full_keys = tree_start_B1.expand(-1, n_qb)
+        visible_keys = kv_len_B1.expand(-1, n_qb)
     else:
-        full_keys_BQ = visible_keys_BQ = kv_len_B1.expand(-1, n_qb)
-    n_full_BQ = full_keys_BQ.clamp(min=0) // block_size
-    n_seen_BQ = -(-visible_keys_BQ // block_size)
-    blocks_K = torch.arange(n_kb, device=device, dtype=torch.int32)
-    kv_indices_BQK = (n_full_BQ[..., None] + blocks_K).clamp(max=n_kb - 1).to(torch.int32)
+        full_keys = visible_keys = kv_len_B1.expand(-1, n_qb)
+    n_full = full_keys.clamp(min=0) // block_size
+    n_seen = -(-visible_keys // block_size)
+    key_blocks = torch.arange(n_kb, device=device, dtype=torch.int32)
+    # [B, n_qb, n_kb]: the partial blocks follow the full ones; only n_seen - n_full are read.
+    kv_indices = (n_full[..., None] + key_blocks).clamp(max=n_kb - 1).to(torch.int32)
     return BlockMask.from_kv_blocks(
-        (n_seen_BQ - n_full_BQ).to(torch.int32)[:, None],
-        kv_indices_BQK[:, None],
-        n_full_BQ.to(torch.int32)[:, None],
-        blocks_K.expand(kv_len_B.shape[0], 1, n_qb, n_kb).contiguous(),
+        (n_seen - n_full).to(torch.int32)[:, None],
+        kv_indices[:, None],
+        n_full.to(torch.int32)[:, None],
+        key_blocks.expand(kv_len_B.shape[0], 1, n_qb, n_kb).contiguous(),
         BLOCK_SIZE=block_size,
         mask_mod=flex_mask_mod(q_len, kv_len_B, causal=causal, block_QQ=block_QQ),
         seq_lengths=(q_len, max_len),
@@ -159,9 +162,15 @@ def attention_flex(
         # The eager path warns that it is unfused; on a CPU and in tests that is the point.
         warnings.filterwarnings("ignore", message=".*without torch.compile.*")
         result = fn(
-            q_BHQD, k_BGSD, v_BGSD, block_mask=block_mask, scale=scale,
-            enable_gqa=gqa, return_aux=aux_request, kernel_options=options,
-        )  # fmt: skip
+            q_BHQD,
+            k_BGSD,
+            v_BGSD,
+            block_mask=block_mask,
+            scale=scale,
+            enable_gqa=gqa,
+            return_aux=aux_request,
+            kernel_options=options,
+        )
     if not return_lse:
         assert isinstance(result, torch.Tensor)
         return result, None

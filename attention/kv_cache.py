@@ -1,23 +1,26 @@
 """A static KV cache, preallocated per request, with tree compaction. Pure torch.
 
-Shape legend: L layers, B batch, G key/value heads, S slots (the preallocated maximum length),
-D head dim, Q new tokens of one forward, N tree nodes appended for verification, n accepted nodes.
+Shape legend: B batch, G key/value heads, S slots (the preallocated maximum length), D head dim,
+T new tokens of one forward, K keys of a layer's valid prefix (previous length + T), N tree nodes
+appended for verification, n accepted nodes. The layer axis has no letter: `keys` and `values`
+are [layers, B, G, S, D].
 
-One buffer per tensor kind, `keys_LBGSD` and `values_LBGSD`, allocated once from prompt length +
-max new tokens + tree size (`StaticKVCache.for_request`). Every layer keeps its own length (a
-Python int), because a forward appends to layer 0, then layer 1, ...: during a forward the lengths
-differ, after it they agree. `length` is layer 0's, like `Cache.get_seq_length()` in transformers.
+One buffer per tensor kind, `keys` and `values`, allocated once (`StaticKVCache.allocate`); a
+caller that needs more slots allocates a bigger cache and appends the valid prefix to it. Every
+layer keeps its own length (a Python int), because a forward appends to layer 0, then layer 1,
+...: during a forward the lengths differ, after it they agree. `length` is layer 0's, like
+`Cache.get_seq_length()` in transformers.
 
 Tree verification (Medusa, Cai et al., 2024): the N tree nodes are appended at slots
-[L, L + N) of every layer; once the accepted path `keep_idx` (node indices, ascending, root 0) is
-known, `compact(tree_start=L, keep_idx)` moves those nodes to [L, L + n) with one gather over all
-layers, keys and values. The cache then holds exactly what sequential decoding of the accepted
-tokens would hold, because the positions (RoPE) of tree nodes are their depths, which equal
-their positions on the accepted path.
+[tree_start, tree_start + N) of every layer; once the accepted path `keep_idx` (node indices,
+ascending, root 0) is known, `compact(tree_start, keep_idx)` moves those nodes to
+[tree_start, tree_start + n) with one gather over all layers, keys and values. The cache then
+holds exactly what sequential decoding of the accepted tokens would hold, because the positions
+(RoPE) of tree nodes are their depths, which equal their positions on the accepted path.
 
-No transformers here: `medusa_engine/hf_adapter.py` wraps this class as a transformers `Cache`.
-For static-shape attention (`attention(..., kv_len=...)`) use `buffers(layer)` together with
-`length_tensor`, a device tensor whose storage never changes.
+No transformers here: `medusa_engine/hf_adapter/cache.py` wraps this class as a transformers
+`Cache`. For static-shape attention (`attention(..., kv_len=...)`) use `buffers(layer)` together
+with `length_tensor`, a device tensor whose storage never changes.
 
 Device-side bookkeeping (a step captured in a CUDA graph, `medusa_engine/static_step.py`):
 `write` puts new keys at slots given as a device tensor and `move` copies slots to slots, neither
@@ -37,20 +40,20 @@ class CacheOverflowError(ValueError):
 
 
 class StaticKVCache:
-    """Preallocated keys/values [L, B, G, S, D] with one host-side length per layer."""
+    """Preallocated keys/values [layers, B, G, S, D] with one host-side length per layer."""
 
-    def __init__(self, keys_LBGSD: torch.Tensor, values_LBGSD: torch.Tensor) -> None:
-        if keys_LBGSD.ndim != 5 or keys_LBGSD.shape != values_LBGSD.shape:
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        if keys.ndim != 5 or keys.shape != values.shape:
             raise ValueError(
-                "expected keys and values [L, B, G, S, D] of one shape, got "
-                f"{tuple(keys_LBGSD.shape)} and {tuple(values_LBGSD.shape)}"
+                "expected keys and values [layers, B, G, S, D] of one shape, got "
+                f"{tuple(keys.shape)} and {tuple(values.shape)}"
             )
-        if keys_LBGSD.dtype != values_LBGSD.dtype or keys_LBGSD.device != values_LBGSD.device:
+        if keys.dtype != values.dtype or keys.device != values.device:
             raise ValueError("keys and values must share dtype and device")
-        self.keys_LBGSD = keys_LBGSD
-        self.values_LBGSD = values_LBGSD
-        self._lengths: list[int] = [0] * keys_LBGSD.shape[0]
-        self._length_t = torch.zeros((), dtype=torch.int32, device=keys_LBGSD.device)
+        self.keys = keys
+        self.values = values
+        self._lengths: list[int] = [0] * keys.shape[0]
+        self._length_t = torch.zeros((), dtype=torch.int32, device=keys.device)
 
     @classmethod
     def allocate(
@@ -74,54 +77,15 @@ class StaticKVCache:
         keys = torch.zeros(shape, dtype=dtype, device=device)
         return cls(keys, torch.zeros_like(keys))
 
-    @staticmethod
-    def required_length(prompt_length: int, max_new_tokens: int, tree_size: int) -> int:
-        """Slots needed by one request: prompt + max new tokens + one tree of `tree_size` nodes.
-
-        Before a verification the cache holds < prompt + max_new_tokens tokens (else decoding
-        has stopped); the tree adds at most `tree_size` slots on top.
-        """
-        if prompt_length < 1 or max_new_tokens < 0 or tree_size < 1:
-            raise ValueError(
-                f"need prompt_length >= 1, max_new_tokens >= 0, tree_size >= 1; got "
-                f"{prompt_length}, {max_new_tokens}, {tree_size}"
-            )
-        return prompt_length + max_new_tokens + tree_size
-
-    @classmethod
-    def for_request(
-        cls,
-        *,
-        num_layers: int,
-        batch: int,
-        kv_heads: int,
-        head_dim: int,
-        prompt_length: int,
-        max_new_tokens: int,
-        tree_size: int,
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str | None = None,
-    ) -> StaticKVCache:
-        """`allocate` with `max_length = required_length(prompt, max_new_tokens, tree_size)`."""
-        return cls.allocate(
-            num_layers=num_layers,
-            batch=batch,
-            kv_heads=kv_heads,
-            head_dim=head_dim,
-            max_length=cls.required_length(prompt_length, max_new_tokens, tree_size),
-            dtype=dtype,
-            device=device,
-        )
-
     # ---- sizes -------------------------------------------------------------------------------
 
     @property
     def num_layers(self) -> int:
-        return self.keys_LBGSD.shape[0]
+        return self.keys.shape[0]
 
     @property
     def max_length(self) -> int:
-        return self.keys_LBGSD.shape[3]
+        return self.keys.shape[3]
 
     @property
     def length(self) -> int:
@@ -148,67 +112,67 @@ class StaticKVCache:
     # ---- per-layer access ----------------------------------------------------------------------
 
     def append(
-        self, layer: int, k_new_BGQD: torch.Tensor, v_new_BGQD: torch.Tensor
+        self, layer: int, k_new_BGTD: torch.Tensor, v_new_BGTD: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write Q new tokens after layer `layer`'s valid prefix; return views k, v [B, G, K, D].
+        """Write T new tokens after layer `layer`'s valid prefix; return views k, v [B, G, K, D].
 
-        K = previous length + Q. The returned tensors are views into the buffers (no copy):
+        K = previous length + T. The returned tensors are views into the buffers (no copy):
         the full valid prefix, new tokens last, as `attention.api.attention` expects.
         Raises `CacheOverflowError` (nothing written) when K would exceed `max_length`.
         """
-        keys_BGSD = self.keys_LBGSD[layer]
-        expected = (*keys_BGSD.shape[:2], k_new_BGQD.shape[2], keys_BGSD.shape[3])
-        if k_new_BGQD.shape != expected or v_new_BGQD.shape != expected:
+        keys_BGSD = self.keys[layer]
+        expected = (*keys_BGSD.shape[:2], k_new_BGTD.shape[2], keys_BGSD.shape[3])
+        if k_new_BGTD.shape != expected or v_new_BGTD.shape != expected:
             raise ValueError(
-                f"layer {layer}: expected new k and v [B, G, Q, D] = {expected}, got "
-                f"{tuple(k_new_BGQD.shape)} and {tuple(v_new_BGQD.shape)}"
+                f"layer {layer}: expected new k and v [B, G, T, D] = {expected}, got "
+                f"{tuple(k_new_BGTD.shape)} and {tuple(v_new_BGTD.shape)}"
             )
         start = self._lengths[layer]
-        end = start + k_new_BGQD.shape[2]
+        end = start + k_new_BGTD.shape[2]
         if end > self.max_length:
             raise CacheOverflowError(
-                f"KV cache overflow at layer {layer}: {start} cached + {k_new_BGQD.shape[2]} new "
+                f"KV cache overflow at layer {layer}: {start} cached + {k_new_BGTD.shape[2]} new "
                 f"tokens > {self.max_length} preallocated slots; allocate with a larger "
-                "max_length (StaticKVCache.required_length(prompt, max_new_tokens, tree_size))"
+                "max_length"
             )
-        keys_BGSD[:, :, start:end].copy_(k_new_BGQD)
-        self.values_LBGSD[layer, :, :, start:end].copy_(v_new_BGQD)
+        keys_BGSD[:, :, start:end].copy_(k_new_BGTD)
+        self.values[layer, :, :, start:end].copy_(v_new_BGTD)
         self._set_length(layer, end)
-        return self.keys_LBGSD[layer, :, :, :end], self.values_LBGSD[layer, :, :, :end]
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
 
     def valid(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Views k, v [B, G, K, D] of layer `layer`'s valid prefix (K = its length)."""
         end = self._lengths[layer]
-        return self.keys_LBGSD[layer, :, :, :end], self.values_LBGSD[layer, :, :, :end]
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
 
     def buffers(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Views k, v [B, G, S, D] of all slots of layer `layer` (for static-shape attention).
 
         Use with `attention(..., kv_len=cache.length_tensor)`: once layer 0 has appended this
-        forward's Q tokens, `length_tensor` is the valid length every layer attends over.
+        forward's T tokens, `length_tensor` is the valid length every layer attends over.
         """
-        return self.keys_LBGSD[layer], self.values_LBGSD[layer]
+        return self.keys[layer], self.values[layer]
 
     def write(
-        self, layer: int, slots_Q: torch.Tensor, k_new_BGQD: torch.Tensor, v_new_BGQD: torch.Tensor
+        self, layer: int, slots_T: torch.Tensor, k_new_BGTD: torch.Tensor, v_new_BGTD: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write Q new tokens at slots `slots_Q` (int64, on the cache's device); return buffers.
+        """Write T new tokens at slots `slots_T` (int64, on the cache's device); return buffers.
 
         No bounds check (it would read the slots on the host): the caller keeps the slots below
         `max_length`. Host lengths are left as they are. Returns `buffers(layer)`.
         """
-        self.keys_LBGSD[layer].index_copy_(2, slots_Q, k_new_BGQD)
-        self.values_LBGSD[layer].index_copy_(2, slots_Q, v_new_BGQD)
+        self.keys[layer].index_copy_(2, slots_T, k_new_BGTD)
+        self.values[layer].index_copy_(2, slots_T, v_new_BGTD)
         return self.buffers(layer)
 
     def move(self, src_n: torch.Tensor, dst_n: torch.Tensor) -> None:
-        """Copy slots `src_n` to slots `dst_n` (int64 device tensors) in every layer, keys and values.
+        """Copy slots `src_n` to `dst_n` (int64 device tensors) in every layer, keys and values.
 
         One gather and one scatter per buffer; the gather copies first, so the two sets may
         overlap. Host lengths are left as they are.
         """
-        for buf_LBGSD in (self.keys_LBGSD, self.values_LBGSD):
-            buf_LBGSD.index_copy_(3, dst_n, buf_LBGSD.index_select(3, src_n))
+        for buf in (self.keys, self.values):  # [layers, B, G, S, D]: dim 3 is the slots
+            buf.index_copy_(3, dst_n, buf.index_select(3, src_n))
 
     def set_length(self, length: int) -> None:
         """Declare the first `length` slots of every layer valid (after device-side steps)."""
@@ -225,9 +189,6 @@ class StaticKVCache:
             raise ValueError(f"cannot crop to {length}: layer lengths are {self._lengths}")
         for layer in range(self.num_layers):
             self._set_length(layer, length)
-
-    def reset(self) -> None:
-        self.crop(0)
 
     def compact(self, tree_start: int, keep_idx_n: torch.Tensor, *, validate: bool = True) -> None:
         """Keep the accepted tree nodes `keep_idx_n` of the N nodes at [tree_start, length).
@@ -256,10 +217,10 @@ class StaticKVCache:
                 raise ValueError(
                     f"keep_idx {idx} must be strictly ascending within the {n_nodes} tree nodes"
                 )
-        slots_n = keep_idx_n.to(self.keys_LBGSD.device) + tree_start
+        slots_n = keep_idx_n.to(self.keys.device) + tree_start
         dst = slice(tree_start, tree_start + n_keep)
         # index_select makes a copy first, so the overlapping in-place write is safe.
-        for buf_LBGSD in (self.keys_LBGSD, self.values_LBGSD):
-            buf_LBGSD[:, :, :, dst].copy_(buf_LBGSD.index_select(3, slots_n))
+        for buf in (self.keys, self.values):  # [layers, B, G, S, D]
+            buf[:, :, :, dst].copy_(buf.index_select(3, slots_n))
         for layer in range(self.num_layers):
             self._set_length(layer, tree_start + n_keep)

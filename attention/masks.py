@@ -1,7 +1,8 @@
 """Pure mask builders.
 
-Shape legend: Q = new (query) tokens, K = keys in the cache including the new ones (K >= Q),
-N = tree nodes (N == Q when a tree is verified).
+Shape legend: B batch, Q = new (query) tokens, K = keys in the cache including the new ones
+(K >= Q), S = key slots of a preallocated buffer, N = tree nodes (N == Q when a tree is verified),
+W = ceil(Q / 64) int64 words of mask bits.
 
 Alignment is bottom-right: query row i is the token at absolute position K - Q + i, so the new
 tokens are the last Q keys. The cached prefix (the first K - Q keys) is visible to every query;
@@ -38,7 +39,8 @@ def resolve_block_QQ(
         return None
     if block_QQ.shape != (q_len, q_len) or block_QQ.dtype != torch.bool:
         raise ValueError(
-            f"block mask must be bool [{q_len}, {q_len}], got {block_QQ.dtype} {tuple(block_QQ.shape)}"
+            f"block mask must be bool [{q_len}, {q_len}], got {block_QQ.dtype} "
+            f"{tuple(block_QQ.shape)}"
         )
     if not bool(block_QQ.diagonal().all()):
         raise ValueError("block mask must let every query attend to itself (diagonal all True)")
@@ -105,11 +107,12 @@ def tree_bitmask_QW(block_QQ: torch.Tensor) -> torch.Tensor:
             f"expected a bool [Q, Q] block mask, got {block_QQ.dtype} {block_QQ.shape}"
         )
     n_words = (q_len + 63) // 64
-    padded_QX = torch.zeros(q_len, n_words * 64, dtype=torch.int64, device=block_QQ.device)
-    padded_QX[:, :q_len] = block_QQ.long()
-    shifts_X = torch.arange(64, device=block_QQ.device, dtype=torch.int64)
+    # The block as 0/1 int64, its columns padded to whole words: [Q, 64 W].
+    padded = torch.zeros(q_len, n_words * 64, dtype=torch.int64, device=block_QQ.device)
+    padded[:, :q_len] = block_QQ.long()
+    bit_shifts = torch.arange(64, device=block_QQ.device, dtype=torch.int64)
     # Distinct bits never carry, so a sum is a bitwise or; 1 << 63 wraps to int64 min, as wanted.
-    return (padded_QX.view(q_len, n_words, 64) << shifts_X).sum(-1)
+    return (padded.view(q_len, n_words, 64) << bit_shifts).sum(-1)
 
 
 def padded_mask_BQS(

@@ -6,8 +6,8 @@ Model-agnostic: it knows tensors, modules and optimizers, never a model family (
 * `PrecisionPolicy` (frozen; presets in `PRECISION_PRESETS`): the dtype parameters are stored in,
   the dtype matmuls run in under autocast, and whether the loss is scaled (fp16 only).
 * `autocast(policy, device)`: `torch.autocast` on CPU or CUDA, a no-op for fp32 compute.
-* `softmax_fp32`, `norm_fp32`: ops whose reductions must run in fp32 whatever the input dtype, the
-  result cast back to the input dtype.
+* `norm_fp32`, `rms_norm_fp32`: normalisations whose reductions must run in fp32 whatever the
+  input dtype, the result cast back to the input dtype.
 * `DynamicLossScaler`: the classic fp16 recipe (Micikevicius et al., 2018, "Mixed Precision
   Training"): multiply the loss by `scale`, unscale the gradients before the optimizer step, skip
   the step and halve `scale` when a gradient is inf/nan, double `scale` after `growth_interval`
@@ -96,11 +96,6 @@ def autocast(policy: PrecisionPolicy, device: torch.device | str) -> Iterator[No
         raise ValueError(f"autocast supports cpu and cuda devices, got {device_type!r}")
     with torch.autocast(device_type=device_type, dtype=policy.compute_torch_dtype):
         yield
-
-
-def softmax_fp32(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """softmax over `dim` computed in fp32, returned in x's dtype."""
-    return torch.softmax(x.float(), dim=dim).to(x.dtype)
 
 
 def norm_fp32(

@@ -1,17 +1,20 @@
 """Split-KV (flash-decoding) attention with a tree mask over a KV cache, in Triton.
 
-Shape legend: B batch, H query heads, G key/value heads, R = H // G query heads per kv head,
-Q queries (new tokens), S key slots in the buffer (row b's valid prefix is kv_len_B[b] <= S),
-D head dim, W = ceil(Q / 64) int64 words of mask bits per query, P kv splits,
-M = R * Q query rows of one kv head (the R heads that share a kv head are packed as rows, so
-each K/V tile is loaded once for all of them).
+Shape legend: B batch, H query heads, G key/value heads, Q queries (new tokens), K keys,
+S key slots in the buffer (row b's valid prefix is kv_len_B[b] <= S), D head dim,
+W = ceil(Q / 64) int64 words of mask bits per query. Inside the kernels a tile's rows are the
+queries of the H // G heads that share a kv head, packed (H // G) * Q rows deep, so each K/V tile
+is loaded once for all of them: `_Q` there is a tile's query rows, `_K` its keys. BLOCK_M /
+BLOCK_N (and `Tiles.block_m` / `block_n`) keep FlashAttention's names for those two tile sizes.
+The kv splits have no letter: the buffers of partial results are `out_p` / `lse_p`.
 
 Layout: `_split_kv_kernel` (one program per (query-row block, kv split, batch * kv head)) runs the
 online softmax of FlashAttention over its chunk of the cache (`_attend`: first the key blocks every
 row of the program sees in full, without masks, then the blocks that need masking) and writes a
-partial (out, lse) in float32; `_combine_kernel` merges the P partials of each query row by log-sum-exp, as in
-flash-decoding (Dao et al., 2023). `_launch` holds the asserts; `attention_triton` is the public
-function. The specification is `attention.reference`; tests compare against it.
+partial (out, lse) in float32; `_combine_kernel` merges the partials of each query row by
+log-sum-exp, as in flash-decoding (Dao et al., 2023). `_launch` holds the asserts;
+`attention_triton` is the public function. The specification is `attention.reference`; tests
+compare against it.
 
 Masking, with bottom-right alignment inside the valid prefix (tree_start = kv_len - Q):
 keys [0, tree_start) are visible to every query, keys [tree_start, kv_len) carry the causal or tree
@@ -21,6 +24,10 @@ as bits (`masks.tree_bitmask_QW`); they are only looked at in key blocks that re
 The kv length is read from device memory (`kv_len_B`) and every program derives its own chunk from
 it, so the grid depends only on the buffer size S: a growing cache neither recompiles nor needs a
 host sync, and the launch can be captured in a CUDA graph.
+
+The kernels' long argument lists (and the calls that mirror them) stay grouped by role under
+`# fmt: skip`: one argument per line would hide, for one, that the two `_attend` calls differ only
+in their block range and MASKED.
 
 This module imports triton at import time; `attention.api` imports it only when the `triton`
 backend is asked for, so the package works without triton. On a CPU, kernels run under the
@@ -42,7 +49,7 @@ MASK_NONE, MASK_CAUSAL, MASK_TREE = 0, 1, 2
 
 @dataclass(frozen=True)
 class Tiles:
-    """Launch parameters of the split-KV kernel; None = the measured default."""
+    """Launch parameters of the split-KV kernel; None = the default chosen in `_launch`."""
 
     num_splits: int | None = None  # kv splits per (query block, batch, kv head)
     block_m: int | None = None  # query rows per program
@@ -53,8 +60,8 @@ class Tiles:
 
 @triton.jit
 def _attend(
-    q_MD, k_base, v_base, bits_ptr, m_M, l_M, acc_MD, blk_lo, blk_hi, scale_log2,
-    stride_ks, stride_vs, stride_bits_q, kv_len, tree_start, qi_M, row_ok_M, offs_D, d_ok_D,
+    q_QD, k_base, v_base, bits_ptr, m_Q, l_Q, acc_QD, blk_lo, blk_hi, scale_log2,
+    stride_ks, stride_vs, stride_bits_q, kv_len, tree_start, qi_Q, row_ok_Q, offs_D, d_ok_D,
     MASK_MODE: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr,
     KV_DTYPE: tl.constexpr,
@@ -62,52 +69,52 @@ def _attend(
     """Online softmax over key blocks [blk_lo, blk_hi); returns the updated (m, l, acc).
     MASKED=False: every key of these blocks is valid and visible to every row (no masks)."""
     for blk in range(blk_lo, blk_hi):
-        offs_N = blk * BLOCK_N + tl.arange(0, BLOCK_N)
-        k_ptrs = k_base + offs_N[:, None] * stride_ks + offs_D[None, :]
-        v_ptrs = v_base + offs_N[:, None] * stride_vs + offs_D[None, :]
+        offs_K = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+        k_ptrs = k_base + offs_K[:, None] * stride_ks + offs_D[None, :]
+        v_ptrs = v_base + offs_K[:, None] * stride_vs + offs_D[None, :]
         if MASKED:
-            n_ok_N = offs_N < kv_len
-            kv_mask = n_ok_N[:, None] & d_ok_D[None, :]
-            k_ND = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+            k_ok_K = offs_K < kv_len
+            kv_mask = k_ok_K[:, None] & d_ok_D[None, :]
+            k_KD = tl.load(k_ptrs, mask=kv_mask, other=0.0)
         elif EVEN_D:
-            k_ND = tl.load(k_ptrs)
+            k_KD = tl.load(k_ptrs)
         else:
-            k_ND = tl.load(k_ptrs, mask=d_ok_D[None, :], other=0.0)
+            k_KD = tl.load(k_ptrs, mask=d_ok_D[None, :], other=0.0)
         if UPCAST_DOT:
-            k_ND = k_ND.to(tl.float32)
-        s_MN = tl.dot(q_MD, tl.trans(k_ND), input_precision=DOT_PRECISION) * scale_log2
+            k_KD = k_KD.to(tl.float32)
+        s_QK = tl.dot(q_QD, tl.trans(k_KD), input_precision=DOT_PRECISION) * scale_log2
         if MASKED:
-            visible_MN = row_ok_M[:, None] & n_ok_N[None, :]
+            visible_QK = row_ok_Q[:, None] & k_ok_K[None, :]
             if MASK_MODE == 1:
-                visible_MN = visible_MN & (offs_N[None, :] <= (tree_start + qi_M)[:, None])
+                visible_QK = visible_QK & (offs_K[None, :] <= (tree_start + qi_Q)[:, None])
             if MASK_MODE == 2:  # noqa: SIM102 (constexpr branch first, runtime test inside)
                 if blk * BLOCK_N + BLOCK_N > tree_start:
-                    rel_MN = offs_N[None, :] - tree_start + tl.zeros_like(qi_M)[:, None]
-                    in_tree_MN = rel_MN >= 0
-                    word_ptrs = bits_ptr + qi_M[:, None] * stride_bits_q + (rel_MN >> 6)
-                    words_MN = tl.load(word_ptrs, mask=in_tree_MN & visible_MN, other=0)
-                    bit_MN = ((words_MN >> (rel_MN & 63).to(tl.int64)) & 1) != 0
-                    visible_MN = visible_MN & (~in_tree_MN | bit_MN)
-            s_MN = tl.where(visible_MN, s_MN, float("-inf"))
-        m_new_M = tl.maximum(m_M, tl.max(s_MN, axis=1))
+                    rel_QK = offs_K[None, :] - tree_start + tl.zeros_like(qi_Q)[:, None]
+                    in_tree_QK = rel_QK >= 0
+                    word_ptrs = bits_ptr + qi_Q[:, None] * stride_bits_q + (rel_QK >> 6)
+                    words_QK = tl.load(word_ptrs, mask=in_tree_QK & visible_QK, other=0)
+                    bit_QK = ((words_QK >> (rel_QK & 63).to(tl.int64)) & 1) != 0
+                    visible_QK = visible_QK & (~in_tree_QK | bit_QK)
+            s_QK = tl.where(visible_QK, s_QK, float("-inf"))
+        m_new_Q = tl.maximum(m_Q, tl.max(s_QK, axis=1))
         # A row that has seen no visible key yet keeps m = -inf; shift by 0 to avoid inf - inf.
-        m_safe_M = tl.where(m_new_M == float("-inf"), 0.0, m_new_M)
-        alpha_M = tl.exp2(m_M - m_safe_M)
-        p_MN = tl.exp2(s_MN - m_safe_M[:, None])
-        l_M = l_M * alpha_M + tl.sum(p_MN, axis=1)
+        m_safe_Q = tl.where(m_new_Q == float("-inf"), 0.0, m_new_Q)
+        alpha_Q = tl.exp2(m_Q - m_safe_Q)
+        p_QK = tl.exp2(s_QK - m_safe_Q[:, None])
+        l_Q = l_Q * alpha_Q + tl.sum(p_QK, axis=1)
         if MASKED:
-            v_ND = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+            v_KD = tl.load(v_ptrs, mask=kv_mask, other=0.0)
         elif EVEN_D:
-            v_ND = tl.load(v_ptrs)
+            v_KD = tl.load(v_ptrs)
         else:
-            v_ND = tl.load(v_ptrs, mask=d_ok_D[None, :], other=0.0)
-        p_lo_MN = p_MN.to(KV_DTYPE)  # rounded like the MMA operand on a GPU
+            v_KD = tl.load(v_ptrs, mask=d_ok_D[None, :], other=0.0)
+        p_lo_QK = p_QK.to(KV_DTYPE)  # rounded like the MMA operand on a GPU
         if UPCAST_DOT:
-            v_ND = v_ND.to(tl.float32)
-            p_lo_MN = p_lo_MN.to(tl.float32)
-        acc_MD = acc_MD * alpha_M[:, None] + tl.dot(p_lo_MN, v_ND, input_precision=DOT_PRECISION)
-        m_M = m_new_M
-    return m_M, l_M, acc_MD
+            v_KD = v_KD.to(tl.float32)
+            p_lo_QK = p_lo_QK.to(tl.float32)
+        acc_QD = acc_QD * alpha_Q[:, None] + tl.dot(p_lo_QK, v_KD, input_precision=DOT_PRECISION)
+        m_Q = m_new_Q
+    return m_Q, l_Q, acc_QD
 
 
 @triton.jit
@@ -128,83 +135,90 @@ def _split_kv_kernel(
     b = pid_bg // n_kv_heads
     g = pid_bg % n_kv_heads
 
-    rows_M = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok_M = rows_M < heads_per_group * q_len
-    head_M = g * heads_per_group + rows_M // q_len
-    qi_M = rows_M % q_len
+    rows_Q = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok_Q = rows_Q < heads_per_group * q_len
+    head_Q = g * heads_per_group + rows_Q // q_len
+    qi_Q = rows_Q % q_len
     offs_D = tl.arange(0, BLOCK_D)
     d_ok_D = offs_D < head_dim
 
-    q_ptrs = q_ptr + b * stride_qb + head_M[:, None] * stride_qh + qi_M[:, None] * stride_qq
-    q_MD = tl.load(q_ptrs + offs_D[None, :], mask=row_ok_M[:, None] & d_ok_D[None, :], other=0.0)
+    q_ptrs = q_ptr + b * stride_qb + head_Q[:, None] * stride_qh + qi_Q[:, None] * stride_qq
+    q_QD = tl.load(q_ptrs + offs_D[None, :], mask=row_ok_Q[:, None] & d_ok_D[None, :], other=0.0)
     if UPCAST_DOT:
-        q_MD = q_MD.to(tl.float32)
+        q_QD = q_QD.to(tl.float32)
 
     kv_len = tl.load(kv_len_ptr + b)
     tree_start = kv_len - q_len
     kv_end = kv_len
     if MASK_MODE == 1:
         # Causal: no query of this block sees past its last query's position.
-        kv_end = tl.minimum(kv_len, tree_start + tl.max(tl.where(row_ok_M, qi_M, 0), axis=0) + 1)
+        kv_end = tl.minimum(kv_len, tree_start + tl.max(tl.where(row_ok_Q, qi_Q, 0), axis=0) + 1)
     n_blocks = tl.cdiv(kv_end, BLOCK_N)
     per_split = tl.cdiv(n_blocks, num_splits)
     blk_lo = pid_p * per_split
     blk_hi = tl.minimum(blk_lo + per_split, n_blocks)
 
-    m_M = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max, log2 domain
-    l_M = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp2(s - m)
-    acc_MD = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    m_Q = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max, log2 domain
+    l_Q = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp2(s - m)
+    acc_QD = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     k_base = k_ptr + b * stride_kb + g * stride_kg
     v_base = v_ptr + b * stride_vb + g * stride_vg
     # Blocks wholly before the tree / causal block hold valid keys that every row sees: they run
     # without masks (plain loads the compiler can pipeline); only the rest pay for masking.
     n_open = kv_len // BLOCK_N
     if MASK_MODE == 1:  # key j is visible to every row of the block iff j <= tree_start + min qi
-        n_open = (tree_start + tl.min(tl.where(row_ok_M, qi_M, q_len), axis=0) + 1) // BLOCK_N
+        n_open = (tree_start + tl.min(tl.where(row_ok_Q, qi_Q, q_len), axis=0) + 1) // BLOCK_N
     if MASK_MODE == 2:
         n_open = tree_start // BLOCK_N
     open_hi = tl.minimum(blk_hi, n_open)
-    m_M, l_M, acc_MD = _attend(
-        q_MD, k_base, v_base, bits_ptr, m_M, l_M, acc_MD, blk_lo, open_hi, scale_log2,
-        stride_ks, stride_vs, stride_bits_q, kv_len, tree_start, qi_M, row_ok_M, offs_D, d_ok_D,
+    m_Q, l_Q, acc_QD = _attend(
+        q_QD, k_base, v_base, bits_ptr, m_Q, l_Q, acc_QD, blk_lo, open_hi, scale_log2,
+        stride_ks, stride_vs, stride_bits_q, kv_len, tree_start, qi_Q, row_ok_Q, offs_D, d_ok_D,
         MASK_MODE, False, DOT_PRECISION, UPCAST_DOT, EVEN_D, BLOCK_N, v_ptr.dtype.element_ty,
     )  # fmt: skip
-    m_M, l_M, acc_MD = _attend(
-        q_MD, k_base, v_base, bits_ptr, m_M, l_M, acc_MD, tl.maximum(blk_lo, open_hi), blk_hi,
-        scale_log2, stride_ks, stride_vs, stride_bits_q, kv_len, tree_start, qi_M, row_ok_M, offs_D, d_ok_D,
+    masked_lo = tl.maximum(blk_lo, open_hi)
+    m_Q, l_Q, acc_QD = _attend(
+        q_QD, k_base, v_base, bits_ptr, m_Q, l_Q, acc_QD, masked_lo, blk_hi, scale_log2,
+        stride_ks, stride_vs, stride_bits_q, kv_len, tree_start, qi_Q, row_ok_Q, offs_D, d_ok_D,
         MASK_MODE, True, DOT_PRECISION, UPCAST_DOT, EVEN_D, BLOCK_N, v_ptr.dtype.element_ty,
     )  # fmt: skip
 
-    seen_M = l_M > 0.0
-    out_MD = acc_MD / tl.where(seen_M, l_M, 1.0)[:, None]
+    seen_Q = l_Q > 0.0
+    out_QD = acc_QD / tl.where(seen_Q, l_Q, 1.0)[:, None]
     # Natural-log lse: (m + log2 l) is in log2 units.
-    lse_M = tl.where(
-        seen_M, (m_M + tl.log2(tl.where(seen_M, l_M, 1.0))) * 0.6931471805599453, float("-inf")
+    lse_Q = tl.where(
+        seen_Q, (m_Q + tl.log2(tl.where(seen_Q, l_Q, 1.0))) * 0.6931471805599453, float("-inf")
     )
-    # out_p is contiguous [B, H, Q, P, D], lse_p [B, H, Q, P].
-    row_flat_M = (b * n_kv_heads * heads_per_group + head_M) * q_len + qi_M
-    o_ptrs = out_p_ptr + (row_flat_M[:, None] * num_splits + pid_p) * head_dim + offs_D[None, :]
-    tl.store(o_ptrs, out_MD, mask=row_ok_M[:, None] & d_ok_D[None, :])
-    tl.store(lse_p_ptr + row_flat_M * num_splits + pid_p, lse_M, mask=row_ok_M)
+    # out_p is contiguous [B, H, Q, splits, D], lse_p [B, H, Q, splits].
+    row_flat_Q = (b * n_kv_heads * heads_per_group + head_Q) * q_len + qi_Q
+    o_ptrs = out_p_ptr + (row_flat_Q[:, None] * num_splits + pid_p) * head_dim + offs_D[None, :]
+    tl.store(o_ptrs, out_QD, mask=row_ok_Q[:, None] & d_ok_D[None, :])
+    tl.store(lse_p_ptr + row_flat_Q * num_splits + pid_p, lse_Q, mask=row_ok_Q)
 
 
 @triton.jit
 def _combine_kernel(
-    out_p_ptr, lse_p_ptr, out_ptr, lse_ptr, num_splits, head_dim,
-    BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
+    out_p_ptr,
+    lse_p_ptr,
+    out_ptr,
+    lse_ptr,
+    num_splits,
+    head_dim,
+    BLOCK_SPLITS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     row = tl.program_id(0)  # flat (b, h, q) index; all four buffers are contiguous
-    offs_P = tl.arange(0, BLOCK_P)
+    split = tl.arange(0, BLOCK_SPLITS)
     offs_D = tl.arange(0, BLOCK_D)
-    p_ok_P = offs_P < num_splits
-    lse_P = tl.load(lse_p_ptr + row * num_splits + offs_P, mask=p_ok_P, other=float("-inf"))
-    m = tl.max(lse_P, axis=0)
-    w_P = tl.exp(lse_P - m)  # every row sees its own key, so m is finite
-    denom = tl.sum(w_P, axis=0)
-    mask_PD = p_ok_P[:, None] & (offs_D < head_dim)[None, :]
-    o_ptrs = out_p_ptr + (row * num_splits + offs_P[:, None]) * head_dim + offs_D[None, :]
-    o_PD = tl.load(o_ptrs, mask=mask_PD, other=0.0)
-    out_D = tl.sum(w_P[:, None] * o_PD, axis=0) / denom
+    split_ok = split < num_splits
+    lse_split = tl.load(lse_p_ptr + row * num_splits + split, mask=split_ok, other=float("-inf"))
+    m = tl.max(lse_split, axis=0)
+    w_split = tl.exp(lse_split - m)  # every row sees its own key, so m is finite
+    denom = tl.sum(w_split, axis=0)
+    mask = split_ok[:, None] & (offs_D < head_dim)[None, :]
+    o_ptrs = out_p_ptr + (row * num_splits + split[:, None]) * head_dim + offs_D[None, :]
+    o_split = tl.load(o_ptrs, mask=mask, other=0.0)  # [splits, D]
+    out_D = tl.sum(w_split[:, None] * o_split, axis=0) / denom
     tl.store(
         out_ptr + row * head_dim + offs_D,
         out_D.to(out_ptr.dtype.element_ty),
@@ -216,13 +230,8 @@ def _combine_kernel(
 def default_num_splits(n_programs: int, n_kv_blocks: int, device: torch.device) -> int:
     """As many kv splits as fill the GPU's multiprocessors once (one wave); 1 for a busy grid.
 
-    Measured on an H100 (132 SMs; 64 tree queries, 32 kv heads x 128, bf16, graph replays):
-    4 splits read a 4k / 16k cache at 1.42 / 2.39 TB/s, 8 splits (two waves) at 1.31 / 2.25
-    (`python -m eval.bench_attention --sweep`; eval/results/h100-2026-11-26-s4/); on an H200
-    (132 SMs) at 1.70 / 3.12 against 1.53 / 2.93 (eval/results/h200-2026-11-26-s9/). Neither
-    32-key blocks, 4 pipeline stages nor 8 warps beat the defaults there, nor did merging the
-    splits in the last program instead of `_combine_kernel` (tried: 1.47 TB/s at 4k in one call,
-    but 20 % slower inside the 7B step, whose caches are short).
+    One wave read the cache faster than two on an H100 and an H200, and no other launch variant
+    beat these defaults: eval/results/h100-2026-11-26-s4/ and h200-2026-11-26-s9/ (READMEs).
     """
     n_sm = (
         torch.cuda.get_device_properties(device).multi_processor_count
@@ -298,9 +307,15 @@ def _launch(
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, EVEN_D=block_d == d, **launch_opts,
     )  # fmt: skip
     _combine_kernel[(b * h * q_len,)](
-        out_p, lse_p, out_BHQD, lse_BHQ, num_splits, d,
-        BLOCK_P=max(2, triton.next_power_of_2(num_splits)), BLOCK_D=block_d,
-    )  # fmt: skip
+        out_p,
+        lse_p,
+        out_BHQD,
+        lse_BHQ,
+        num_splits,
+        d,
+        BLOCK_SPLITS=max(2, triton.next_power_of_2(num_splits)),
+        BLOCK_D=block_d,
+    )
     return out_BHQD, lse_BHQ
 
 
@@ -333,4 +348,4 @@ def attention_triton(
     mode = MASK_TREE if tree_bits_QW is not None else MASK_CAUSAL if causal else MASK_NONE
     return _launch(
         q_BHQD, k_BGSD, v_BGSD, kv_len_B.to(torch.int32), tree_bits_QW, mode, scale, tiles
-    )  # fmt: skip
+    )

@@ -1,16 +1,13 @@
 """Int8 weights for a drafter's small matrix products on a CPU.
 
-A recurrent drafter multiplies one or a few rows by the same matrices at every depth (the
-transition's two layers and the draft-vocabulary LM head: 26 MB in bf16 for the bundled heads, four
-times per step); Medusa heads multiply K rows by the whole vocabulary's LM head once per step (57 MB
-for SmolLM2). On a CPU that work is bound by reading the weights (and bf16 products of so few
-rows run far below the cores' peak: 17 GB/s with the weights in cache here). fbgemm's dynamic
-int8 linear (`torch.ops.quantized`: int8 weights with one scale per output row, the activations
-quantised to uint8 at each call) reads a quarter of the bytes and runs a native kernel: on the project's 2-core CPU the draft LM head takes
-0.41 ms instead of 1.7 ms with a cold cache (16384 x 576, one row), and a `dynamic:8` + lookup
-step of the bundled heads 48.1 ms instead of 53.3 ms, at τ 2.314 instead of 2.317 (SmolLM2 in bf16,
-torch 2.13 CPU, 8 MT-Bench prompts twice, 128 tokens, both in one run); four random Medusa heads on
-SmolLM2 draft in 1.2 ms instead of 4.4 ms (same run as their float twin).
+Shape legend: B rows, I input features, O output features.
+
+A drafter multiplies one or a few rows by the same large matrices every step (a recurrent
+drafter's transition and draft LM head at every depth, Medusa heads' vocabulary projection once).
+With so few rows a CPU is bound by reading the weights, so fbgemm's dynamic int8 linear
+(`torch.ops.quantized`: int8 weights with one scale per output row, the activations quantised to
+uint8 at each call), which reads a quarter of the bytes in a native kernel, drafts faster at
+nearly the same τ. The figures: eval/results/cpu-mtbench-2026-11-26-s7/README.md, *Int8 drafting*.
 
 The drafter only proposes; verification decides. So the rounding can cost acceptance but does
 not change what the engine computes: greedy stays identical to plain greedy (tested in fp32; in
@@ -20,10 +17,9 @@ from a float product: the activations share one quantisation scale per call, so 
 depends slightly on the other rows of its batch.
 
 PyTorch 2.13 marks the quantized-tensor constructors this needs as deprecated (pytorch#184982).
-Nothing else in PyTorch reads int8 weights this fast here (tried: `torch._int_mm` with per-row
-activation scales, 0.75 ms cold; `torch._weight_int8pack_mm` with bf16 activations, 0.74 ms), so
-we keep it, silence that one warning, and `int8_supported` turns int8 drafting off by itself on a
-build where the constructors are gone.
+Nothing else in PyTorch reads int8 weights as fast on a CPU (the alternatives are in the same
+README), so we keep it, silence that one warning, and `int8_supported` turns int8 drafting off by
+itself on a build where the constructors are gone.
 """
 
 from __future__ import annotations

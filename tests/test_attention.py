@@ -147,7 +147,7 @@ def test_block_mask_checks():
 
 
 def block_classes(block_mask, n_qb: int, n_kb: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(partial, full) bool [B, QB, KB] from a BlockMask's index lists."""
+    """(partial, full) bool [B, query blocks, key blocks] from a BlockMask's index lists."""
     out = []
     for num, idx in (
         (block_mask.kv_num_blocks, block_mask.kv_indices),
@@ -171,9 +171,13 @@ def test_flex_block_mask_covers_every_visible_pair_and_full_blocks_are_fully_vis
     kv_len_B = torch.tensor([q_len, 24, 45, 17])
     block = block_of(q_len, kwargs)
     bm = flex_block_mask(
-        q_len, max_len, kv_len_B, causal=kind == "causal", block_QQ=block if kind == "tree" else None,
+        q_len,
+        max_len,
+        kv_len_B,
+        causal=kind == "causal",
+        block_QQ=block if kind == "tree" else None,
         block_size=bs,
-    )  # fmt: skip
+    )
     mask_BQS = padded_mask_BQS(q_len, max_len, kv_len_B, block_QQ=block)
     n_qb, n_kb = -(-q_len // bs), -(-max_len // bs)
     padded = torch.zeros(4, n_qb * bs, n_kb * bs, dtype=torch.bool)
@@ -283,10 +287,16 @@ def test_compiled_flex_matches_reference_and_does_not_recompile_as_the_cache_gro
     graphs = []
     for n in (40, 150, 290):
         out, _ = attention_flex(
-            q, k, v, scale=0.25, kv_len_B=torch.tensor([n], dtype=torch.int32),
-            causal=kind == "causal", tree_mask_QQ=kwargs.get("tree_mask_QQ"), compiled=True,
+            q,
+            k,
+            v,
+            scale=0.25,
+            kv_len_B=torch.tensor([n], dtype=torch.int32),
+            causal=kind == "causal",
+            tree_mask_QQ=kwargs.get("tree_mask_QQ"),
+            compiled=True,
             return_lse=False,
-        )  # fmt: skip
+        )
         graphs.append(counters["stats"]["unique_graphs"])
         mask = full_mask_QK(q_len, n, block_QQ=block_of(q_len, kwargs))
         assert_matches_reference(out, None, q, k[:, :, :n], v[:, :, :n], mask, 0.25, f"kv {n}")

@@ -68,10 +68,14 @@ else:
         q, k, v = random_qkv(1, 4, 2, 7, 37, 16, torch.float32, gen)
         block = block_of(7, structure(kind, 7, gen))
         out, lse = attention_triton(
-            q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), scale=0.25, causal=kind == "causal",
+            q.to(DEVICE),
+            k.to(DEVICE),
+            v.to(DEVICE),
+            scale=0.25,
+            causal=kind == "causal",
             tree_bits_QW=None if kind == "causal" else tree_bitmask_QW(block).to(DEVICE),
             tiles=Tiles(num_splits=num_splits, block_n=16, block_m=16),
-        )  # fmt: skip
+        )
         mask = full_mask_QK(7, 37, block_QQ=block)
         assert_matches_reference(out.cpu(), lse.cpu(), q, k, v, mask, 0.25, f"{num_splits} splits")
 
@@ -84,9 +88,13 @@ else:
         q, k, v = random_qkv(1, *heads, 50, 50, 16, torch.float32, gen)
         for splits in (1, 3):
             out, lse = attention_triton(
-                q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), scale=0.25, causal=True,
+                q.to(DEVICE),
+                k.to(DEVICE),
+                v.to(DEVICE),
+                scale=0.25,
+                causal=True,
                 tiles=Tiles(num_splits=splits, block_m=16, block_n=16),
-            )  # fmt: skip
+            )
             mask = full_mask_QK(50, 50, block_QQ=torch.ones(50, 50, dtype=torch.bool).tril())
             assert_matches_reference(out.cpu(), lse.cpu(), q, k, v, mask, 0.25, f"{splits} splits")
 
@@ -96,9 +104,13 @@ else:
         q, k, v = random_qkv(1, 2, 1, 5, 40, d, torch.bfloat16, gen)
         tree = random_tree_mask(5, gen)
         out, lse = attention(
-            q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), backend="triton", return_lse=True,
+            q.to(DEVICE),
+            k.to(DEVICE),
+            v.to(DEVICE),
+            backend="triton",
+            return_lse=True,
             tree_mask_QQ=tree.to(DEVICE),
-        )  # fmt: skip
+        )
         mask = full_mask_QK(5, 40, block_QQ=tree)
         assert_matches_reference(out.cpu(), lse.cpu(), q, k, v, mask, d**-0.5, f"D={d}")
 
@@ -111,16 +123,27 @@ else:
             v[i, :, n:] = 1e4
         tree = random_tree_mask(6, gen)
         out, lse = attention(
-            q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), backend="triton", return_lse=True,
-            tree_mask_QQ=tree.to(DEVICE), kv_len=kv_len.to(DEVICE),
-        )  # fmt: skip
+            q.to(DEVICE),
+            k.to(DEVICE),
+            v.to(DEVICE),
+            backend="triton",
+            return_lse=True,
+            tree_mask_QQ=tree.to(DEVICE),
+            kv_len=kv_len.to(DEVICE),
+        )
         for i, n in enumerate(kv_len.tolist()):
             sl = slice(i, i + 1)
             mask = full_mask_QK(6, n, block_QQ=tree)
             assert_matches_reference(
-                out[sl].cpu(), lse[sl].cpu(), q[sl], k[sl, :, :n], v[sl, :, :n], mask, 0.25,
+                out[sl].cpu(),
+                lse[sl].cpu(),
+                q[sl],
+                k[sl, :, :n],
+                v[sl, :, :n],
+                mask,
+                0.25,
                 f"row {i}, kv_len {n}",
-            )  # fmt: skip
+            )
 
     def test_tree_and_causal_together_are_rejected():
         q = torch.randn(1, 1, 2, 16, device=DEVICE)

@@ -1,7 +1,7 @@
 """The static KV cache: append, views, overflow, crop, and tree compaction.
 
-Shape legend: L layers, B batch, G kv heads, H query heads, P prompt tokens, N tree nodes,
-n accepted nodes, S slots, D head dim.
+Shape legend: B batch, G kv heads, H query heads, N tree nodes, n accepted nodes, S slots,
+D head dim; LAYERS is the number of layers.
 """
 
 from __future__ import annotations
@@ -13,14 +13,13 @@ from attention.api import attention
 from attention.kv_cache import CacheOverflowError, StaticKVCache
 from tests.test_attention import random_tree_mask
 
-L, B, G, D = 3, 2, 2, 8
+LAYERS, B, G, D = 3, 2, 2, 8
 
 
-def make_cache(prompt: int = 5, new: int = 6, tree: int = 4) -> StaticKVCache:
-    return StaticKVCache.for_request(
-        num_layers=L, batch=B, kv_heads=G, head_dim=D, prompt_length=prompt,
-        max_new_tokens=new, tree_size=tree,
-    )  # fmt: skip
+def make_cache(slots: int = 15) -> StaticKVCache:
+    return StaticKVCache.allocate(
+        num_layers=LAYERS, batch=B, kv_heads=G, head_dim=D, max_length=slots
+    )
 
 
 def kv(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,45 +33,47 @@ def fill(cache: StaticKVCache, per_layer: list[tuple[torch.Tensor, torch.Tensor]
         cache.append(layer, k, v)
 
 
-def test_for_request_sizes_the_buffers_from_prompt_new_tokens_and_tree():
-    cache = make_cache(prompt=5, new=6, tree=4)
-    assert cache.max_length == StaticKVCache.required_length(5, 6, 4) == 15
-    assert cache.keys_LBGSD.shape == (L, B, G, 15, D) == cache.values_LBGSD.shape
-    assert cache.length == 0 and cache.num_layers == L
+def test_allocate_sizes_the_buffers_and_starts_empty():
+    cache = make_cache(slots=15)
+    assert cache.max_length == 15
+    assert cache.keys.shape == (LAYERS, B, G, 15, D) == cache.values.shape
+    assert cache.length == 0 and cache.num_layers == LAYERS
+    with pytest.raises(ValueError, match="every size must be >= 1"):
+        make_cache(slots=0)
 
 
 def test_append_returns_views_of_the_valid_prefix_with_new_tokens_last():
     gen = torch.Generator().manual_seed(0)
     cache = make_cache()
-    first = [kv(5, gen) for _ in range(L)]
-    second = [kv(3, gen) for _ in range(L)]
+    first = [kv(5, gen) for _ in range(LAYERS)]
+    second = [kv(3, gen) for _ in range(LAYERS)]
     fill(cache, first)
-    for layer in range(L):
+    for layer in range(LAYERS):
         k, v = cache.append(layer, *second[layer])
         assert torch.equal(k, torch.cat([first[layer][0], second[layer][0]], dim=2))
         assert torch.equal(v, torch.cat([first[layer][1], second[layer][1]], dim=2))
-        assert k.data_ptr() == cache.keys_LBGSD[layer].data_ptr(), "append must return a view"
+        assert k.data_ptr() == cache.keys[layer].data_ptr(), "append must return a view"
         # During a forward the layers already appended are ahead of the others.
         assert cache.layer_length(layer) == 8 and cache.length == 8
-        assert layer == L - 1 or cache.layer_length(L - 1) == 5
-    assert torch.equal(cache.valid(1)[0], cache.keys_LBGSD[1, :, :, :8])
+        assert layer == LAYERS - 1 or cache.layer_length(LAYERS - 1) == 5
+    assert torch.equal(cache.valid(1)[0], cache.keys[1, :, :, :8])
 
 
 def test_overflow_raises_a_clear_error_and_writes_nothing():
     gen = torch.Generator().manual_seed(1)
-    cache = make_cache(prompt=5, new=2, tree=1)  # 8 slots
+    cache = make_cache(slots=8)
     with pytest.raises(CacheOverflowError, match=r"overflow.*0 cached \+ 9 new tokens > 8"):
         cache.append(0, *kv(9, gen))
-    assert cache.length == 0 and not cache.keys_LBGSD.any()
-    fill(cache, [kv(6, gen) for _ in range(L)])
-    with pytest.raises(CacheOverflowError, match="required_length"):
+    assert cache.length == 0 and not cache.keys.any()
+    fill(cache, [kv(6, gen) for _ in range(LAYERS)])
+    with pytest.raises(CacheOverflowError, match="larger max_length"):
         cache.append(0, *kv(3, gen))
     assert cache.length == 6
 
 
 def test_append_rejects_wrong_shapes():
     cache = make_cache()
-    with pytest.raises(ValueError, match=r"\[B, G, Q, D\]"):
+    with pytest.raises(ValueError, match=r"\[B, G, T, D\]"):
         cache.append(0, torch.zeros(B, G + 1, 2, D), torch.zeros(B, G + 1, 2, D))
 
 
@@ -81,7 +82,7 @@ def test_crop_and_length_tensor():
     cache = make_cache()
     t = cache.length_tensor
     assert t.dtype == torch.int32 and t.shape == () and int(t) == 0
-    fill(cache, [kv(7, gen) for _ in range(L)])
+    fill(cache, [kv(7, gen) for _ in range(LAYERS)])
     assert int(cache.length_tensor) == 7 and cache.length_tensor.data_ptr() == t.data_ptr()
     cache.crop(4)
     assert cache.length == 4 and int(t) == 4 and cache.valid(2)[0].shape[2] == 4
@@ -92,19 +93,19 @@ def test_crop_and_length_tensor():
 @pytest.mark.parametrize("keep", [[0], [0, 2, 5], [0, 1, 2, 3, 4, 5, 6], [0, 3, 6]])
 def test_compaction_equals_appending_only_the_accepted_tokens(keep):
     gen = torch.Generator().manual_seed(len(keep))
-    prompt = [kv(5, gen) for _ in range(L)]
-    tree = [kv(7, gen) for _ in range(L)]
+    prompt = [kv(5, gen) for _ in range(LAYERS)]
+    tree = [kv(7, gen) for _ in range(LAYERS)]
     keep_n = torch.tensor(keep)
-    verified = make_cache(tree=7)
+    verified = make_cache(slots=18)
     fill(verified, prompt)
     fill(verified, tree)
     verified.compact(5, keep_n)
-    sequential = make_cache(tree=7)
+    sequential = make_cache(slots=18)
     fill(sequential, prompt)
     fill(sequential, [(k[:, :, keep_n], v[:, :, keep_n]) for k, v in tree])
     assert verified.length == sequential.length == 5 + len(keep)
     assert int(verified.length_tensor) == 5 + len(keep)
-    for layer in range(L):
+    for layer in range(LAYERS):
         for got, want in zip(verified.valid(layer), sequential.valid(layer), strict=True):
             assert torch.equal(got, want)
 
@@ -115,9 +116,9 @@ def test_compaction_equals_appending_only_the_accepted_tokens(keep):
 )
 def test_compact_rejects_invalid_keep_idx(keep, match):
     gen = torch.Generator().manual_seed(3)
-    cache = make_cache(tree=7)
-    fill(cache, [kv(5, gen) for _ in range(L)])
-    fill(cache, [kv(7, gen) for _ in range(L)])
+    cache = make_cache(slots=18)
+    fill(cache, [kv(5, gen) for _ in range(LAYERS)])
+    fill(cache, [kv(7, gen) for _ in range(LAYERS)])
     with pytest.raises(ValueError, match=match):
         cache.compact(5, torch.tensor(keep))
     assert cache.length == 12
@@ -159,8 +160,8 @@ def test_tree_attention_then_compaction_equals_causal_attention_over_the_accepte
 @pytest.mark.parametrize("backend", ["reference", "sdpa", "flex"])
 def test_static_buffers_with_length_tensor_equal_the_valid_views(backend):
     gen = torch.Generator().manual_seed(6)
-    cache = make_cache(prompt=9, new=8, tree=5)
-    fill(cache, [kv(9, gen) for _ in range(L)])
+    cache = make_cache(slots=22)
+    fill(cache, [kv(9, gen) for _ in range(LAYERS)])
     k_new, v_new = kv(5, gen)
     q = torch.randn(B, 2 * G, 5, D, generator=gen)
     tree = random_tree_mask(5, gen)

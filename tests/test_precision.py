@@ -14,7 +14,6 @@ from attention.precision import (
     get_policy,
     norm_fp32,
     rms_norm_fp32,
-    softmax_fp32,
 )
 
 
@@ -43,9 +42,6 @@ def test_autocast_runs_matmuls_in_compute_dtype_on_cpu(name: str, dtype: torch.d
 
 def test_fp32_helpers_return_input_dtype_with_fp32_accuracy() -> None:
     x = (torch.randn(4, 64) * 8).to(torch.bfloat16)
-    got = softmax_fp32(x)
-    assert got.dtype is torch.bfloat16
-    torch.testing.assert_close(got, torch.softmax(x.float(), -1).to(torch.bfloat16), rtol=0, atol=0)
     ln = nn.LayerNorm(64)
     with autocast(get_policy("bf16"), "cpu"):
         y = norm_fp32(x, ln)

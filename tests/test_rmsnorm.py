@@ -20,7 +20,8 @@ if not RUN_HERE:
 
 else:
     pytest.importorskip("triton")
-    from attention.rmsnorm import fuse_rms_norms, rms_norm_reference, rms_norm_triton
+    from attention.rmsnorm import rms_norm_reference, rms_norm_triton
+    from medusa_engine.hf_adapter.norms import FusedRMSNorm, fuse_rms_norms
 
     @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
     @pytest.mark.parametrize("shape", [(1, 64), (3, 7, 100), (5, 96)])
@@ -43,20 +44,27 @@ else:
     def test_fused_llama_norms_and_undo():
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, vocab_size=64)  # fmt: skip
+        config = LlamaConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=64,
+        )
         torch.manual_seed(0)
         model = LlamaForCausalLM(config).to(DEVICE).eval()
         ids = torch.randint(0, 64, (1, 9), device=DEVICE)
         with torch.no_grad():
             want = model(ids).logits
+            norms = sum("RMSNorm" in type(m).__name__ for m in model.modules())
             undo = fuse_rms_norms(model)
-            assert all(
-                "forward" in vars(m) for m in model.modules() if "RMSNorm" in type(m).__name__
-            )
+            fused = [m for m in model.modules() if isinstance(m, FusedRMSNorm)]
+            assert len(fused) == norms == 2 * 2 + 1  # two per layer and the final one
             got = model(ids).logits
             undo()
             again = model(ids).logits
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
         assert torch.equal(again, want)
-        assert not any("forward" in vars(m) for m in model.modules())
+        assert not any(isinstance(m, FusedRMSNorm) for m in model.modules())
+        assert not any("forward" in vars(m) for m in model.modules())  # nothing patched
