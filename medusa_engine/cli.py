@@ -50,7 +50,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    """Flags shared by every command that loads a model with heads."""
+    """Flags shared by every command that loads a model with heads (`EngineConfig`'s fields).
+
+    Long on purpose: one flat list of flags, each with its help text, reads better than pieces."""
     p.add_argument(
         "--model",
         default=DEFAULT_MODEL,

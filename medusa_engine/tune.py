@@ -129,6 +129,8 @@ def measure_latency(
     The two kinds of a size are timed in alternation, one run of each in turn, so that the
     machine's speed drifting during tuning weighs on both alike. A size that measured slower than a larger one of its kind was disturbed:
     it is timed again (`latency_curve`) before the curve is made non-decreasing.
+
+    Long on purpose: the timing closures share the one prefilled session and the trees' engines.
     """
     model, drafter = engine.model, engine.drafter
     heads = drafter.num_heads if drafter is not None else 0
