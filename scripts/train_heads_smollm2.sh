@@ -39,19 +39,20 @@ DATA=data/train/alpaca_data_cleaned_1000.json
 if [[ "${SMOKE:-0}" == "1" ]]; then
   OUT=runs/smollm2-smoke/heads
   RUN=(--max-examples 8 --distill-max-new-tokens 32 --distill-batch-size 4
-       --distill-cache runs/smollm2-smoke/self_distill --checkpoint runs/smollm2-smoke/train_state.pt
+       --distill-cache runs/smollm2-smoke/self_distill
+       --checkpoint runs/smollm2-smoke/train_state.safetensors
        --eval-fraction 0.25 --batch-size 64 --steps 3 --max-length 256 --with-reference-answers)
 else
   OUT=medusa_engine/assets/heads/smollm2-135m-instruct
   # The self-distilled answers are committed (data/train/PROVENANCE.md): nothing to regenerate.
   RUN=(--distill-max-new-tokens 256 --distill-batch-size 32
        --distill-cache data/train/self_distill/smollm2-135m-instruct-alpaca_data_cleaned_1000
-       --checkpoint runs/smollm2-heads/train_state.pt --checkpoint-every 200
+       --checkpoint runs/smollm2-heads/train_state.safetensors --checkpoint-every 200
        --batch-size 256 --epochs 2 --max-length 512 --with-reference-answers)
 fi
 
 # shellcheck disable=SC2086
-$LAUNCH medusa_engine.train_heads \
+$LAUNCH medusa_engine.training.cli \
   --model smollm2-135m-instruct --dtype bf16 \
   --data "$DATA" --self-distill --distill-temperature 0 \
   --extra-distill-temperature 0.7 --extra-distill-temperature 0.7 \

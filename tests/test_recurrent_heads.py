@@ -13,15 +13,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from medusa_engine import train_heads as th
-from medusa_engine import train_recurrent as tr
 from medusa_engine.config import HeadsConfig, HeadsError
 from medusa_engine.drafters import RecurrentDrafter, depth_plans
 from medusa_engine.engine import build_engine
 from medusa_engine.heads_io import load_heads, save_heads
 from medusa_engine.int8_linear import Int8Linear, int8_supported
 from medusa_engine.recurrent_heads import RecurrentHeads
-from medusa_engine.train_data import encode_dataset, load_records
+from medusa_engine.training import cli, recurrent
+from medusa_engine.training.config import TrainConfig
+from medusa_engine.training.data import encode_dataset, load_records
+from medusa_engine.training.features import compute_features
 from medusa_engine.tree import tree_from_name
 from tests.conftest import PROMPTS
 
@@ -49,10 +50,10 @@ def examples(stories260k, tmp_path_factory):
     return encode_dataset(stories260k.tokenizer, load_records(str(path)), max_length=64)
 
 
-def cfg(**kw) -> th.TrainConfig:
+def cfg(**kw) -> TrainConfig:
     base = dict(kind="recurrent", num_heads=3, batch_size=64, precision="fp32", lr=3e-3, steps=6,
                 checkpoint_every=3, ffn_size=64, draft_vocab=256)  # fmt: skip
-    return th.TrainConfig(**{**base, **kw})
+    return TrainConfig(**{**base, **kw})
 
 
 @pytest.mark.parametrize("tree_name", ["cpu_16", "mc_sim_7b_63", "chain_4"])
@@ -164,7 +165,7 @@ def test_save_load_round_trip(stories260k, tmp_path):
 
 
 def test_features_hold_hidden_states_and_base_choices(stories260k, examples):
-    feats = tr.compute_features(stories260k, examples[:3], max_depth=3, batch_size=2)
+    feats = compute_features(stories260k, examples[:3], max_depth=3, batch_size=2)
     offset = 0
     for e in examples[:3]:
         n = len(e.ids) - e.start + 1
@@ -179,27 +180,27 @@ def test_features_hold_hidden_states_and_base_choices(stories260k, examples):
 
 
 def test_training_lowers_loss_and_changes_only_the_heads(stories260k, examples):
-    feats = tr.compute_features(stories260k, examples, max_depth=3)
+    feats = compute_features(stories260k, examples, max_depth=3)
     pos = feats.select(torch.arange(len(examples)))
     base_before = {k: v.clone() for k, v in stories260k.model.state_dict().items()}
     c = cfg(steps=30, lr=1e-2)
-    result = tr.train_recurrent(stories260k, feats, pos, c)
+    result = recurrent.train(stories260k, feats, pos, c)
     assert sum(result.losses[-5:]) / 5 < result.losses[0] - 0.5, result.losses
     for key, value in stories260k.model.state_dict().items():
         assert torch.equal(value, base_before[key]), f"base parameter {key} changed"
-    init = tr.make_recurrent_heads(stories260k, c, result.heads.draft_vocab_M)
+    init = recurrent.make_heads(stories260k, c, result.heads.draft_vocab_M)
     changed = [not torch.equal(a, b) for a, b in zip(init.parameters(), result.heads.parameters())]
     assert all(changed)
-    metrics = tr.evaluate_recurrent(stories260k, result.heads, feats, pos)
+    metrics = recurrent.evaluate(stories260k, result.heads, feats, pos)
     assert len(metrics["heads"]) == 3 and metrics["heads"][0]["top1"] > 0.1
 
 
 def test_confidence_temperatures_minimise_the_held_out_nll(stories260k, examples):
-    feats = tr.compute_features(stories260k, examples, max_depth=2)
+    feats = compute_features(stories260k, examples, max_depth=2)
     pos = feats.select(torch.arange(len(examples)))
     heads = random_recurrent(stories260k, num_heads=2, draft_vocab=stories260k.vocab_size)
     heads.set_draft_vocab(torch.arange(stories260k.vocab_size))
-    rows = tr.fit_confidence_temperatures(stories260k, heads, feats, pos)
+    rows = recurrent.fit_confidence_temperatures(stories260k, heads, feats, pos)
     assert [r["depth"] for r in rows] == [1, 2, 3, 4]  # beyond the trained depths: MAX_UNROLL
     # Depth 1, recomputed here: the NLL of the base model's choice is lowest at the fitted T.
     p_B = pos[:4096]
@@ -218,24 +219,24 @@ def test_confidence_temperatures_minimise_the_held_out_nll(stories260k, examples
         HeadsConfig(2, 1, 8, 16, kind="recurrent", ffn_size=4, confidence_temperature=(1.0, 0.0))
 
 
-def test_resume_reaches_the_uninterrupted_weights(stories260k, examples, tmp_path):
-    feats = tr.compute_features(stories260k, examples, max_depth=3)
+def test_resume_reaches_the_uninterrupted_weights_bit_for_bit(stories260k, examples, tmp_path):
+    feats = compute_features(stories260k, examples, max_depth=3)
     pos = feats.select(torch.arange(len(examples)))
     c = cfg()
-    full = tr.train_recurrent(stories260k, feats, pos, c, checkpoint_path=tmp_path / "a.pt")
+    full = recurrent.train(stories260k, feats, pos, c, checkpoint_path=tmp_path / "a.safetensors")
 
     def interrupt(step, loss, top1):
         if step == 3:
             raise KeyboardInterrupt
 
-    ckpt = tmp_path / "b.pt"
+    ckpt = tmp_path / "b.safetensors"
     with pytest.raises(KeyboardInterrupt):
-        tr.train_recurrent(stories260k, feats, pos, c, checkpoint_path=ckpt, on_step=interrupt)
-    resumed = tr.train_recurrent(stories260k, feats, pos, c, checkpoint_path=ckpt, resume=True)
+        recurrent.train(stories260k, feats, pos, c, checkpoint_path=ckpt, on_step=interrupt)
+    resumed = recurrent.train(stories260k, feats, pos, c, checkpoint_path=ckpt, resume=True)
     assert resumed.step == 6 and len(resumed.losses) == 3
-    torch.testing.assert_close(full.losses[3:], resumed.losses, rtol=1e-5, atol=1e-6)
+    assert full.losses[3:] == resumed.losses
     for (name, a), b in zip(full.heads.state_dict().items(), resumed.heads.state_dict().values()):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)
+        assert torch.equal(a, b), name
 
 
 def test_cli_trains_recurrent_heads_with_a_feature_cache(examples, tmp_path, capsys):
@@ -246,8 +247,9 @@ def test_cli_trains_recurrent_heads_with_a_feature_cache(examples, tmp_path, cap
     argv = ["--model", "stories260k", "--data", str(data), "--out", str(out), "--kind",
             "recurrent", "--steps", "2", "--batch-size", "32", "--max-length", "48",
             "--num-heads", "2", "--ffn-size", "32", "--draft-vocab", "128", "--precision", "fp32",
-            "--eval-fraction", "0.1", "--checkpoint", str(tmp_path / "run" / "state.pt")]  # fmt: skip
-    assert th.main(argv) == 0, capsys.readouterr().err
+            "--eval-fraction", "0.1",
+            "--checkpoint", str(tmp_path / "run" / "state.safetensors")]  # fmt: skip
+    assert cli.main(argv) == 0, capsys.readouterr().err
     cache = tmp_path / "run" / "features.safetensors"
     assert cache.is_file()
     heads = load_heads(out)
@@ -259,7 +261,7 @@ def test_cli_trains_recurrent_heads_with_a_feature_cache(examples, tmp_path, cap
     assert len(temps) == 4 and heads.config.confidence_temperature == tuple(temps)
     stamp = cache.stat().st_mtime_ns
     # Reuses the cache; bf16 weights (half the file) load into the same heads.
-    assert th.main([*argv, "--out", str(tmp_path / "heads2"), "--save-dtype", "bf16"]) == 0
+    assert cli.main([*argv, "--out", str(tmp_path / "heads2"), "--save-dtype", "bf16"]) == 0
     assert cache.stat().st_mtime_ns == stamp
     from safetensors.torch import load_file
 
@@ -284,12 +286,12 @@ def test_reference_answers_join_training_but_not_from_held_out_prompts(tmp_path,
     out = tmp_path / "heads"
     argv = [*common, "--out", str(out), "--kind", "recurrent", "--ffn-size", "16",
             "--draft-vocab", "64", "--with-reference-answers",
-            "--checkpoint", str(tmp_path / "run" / "state.pt")]  # fmt: skip
-    assert th.main(argv) == 0, capsys.readouterr().err
+            "--checkpoint", str(tmp_path / "run" / "state.safetensors")]  # fmt: skip
+    assert cli.main(argv) == 0, capsys.readouterr().err
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["eval_examples"] == 2
     assert metrics["train_examples"] == 8 + 8  # 8 self-distilled + the 8 training prompts' answers
-    assert th.main([*common, "--out", str(tmp_path / "m"), "--with-reference-answers"]) == 2
+    assert cli.main([*common, "--out", str(tmp_path / "m"), "--with-reference-answers"]) == 2
     assert "needs --kind recurrent" in capsys.readouterr().err
 
 
@@ -378,8 +380,8 @@ def test_extra_sampled_distill_pass_joins_training_but_not_from_held_out_prompts
             "--extra-distill-temperature", "0.8", "--eval-fraction", "0.2", "--steps", "1",
             "--num-heads", "2", "--precision", "fp32", "--batch-size", "16", "--kind", "recurrent",
             "--ffn-size", "16", "--draft-vocab", "64", "--out", str(tmp_path / "heads"),
-            "--checkpoint", str(tmp_path / "run" / "state.pt")]  # fmt: skip
-    assert th.main(argv) == 0, capsys.readouterr().err
+            "--checkpoint", str(tmp_path / "run" / "state.safetensors")]  # fmt: skip
+    assert cli.main(argv) == 0, capsys.readouterr().err
     metrics = json.loads((tmp_path / "heads" / "metrics.json").read_text())
     assert metrics["eval_examples"] == 2
     assert metrics["train_examples"] == 8 + 8  # greedy answers + sampled answers, 8 prompts each
@@ -390,5 +392,5 @@ def test_extra_sampled_distill_pass_joins_training_but_not_from_held_out_prompts
     )
     assert greedy["input_ids"] != other["input_ids"]  # sampling changed some answers
     no_distill = [a for a in argv if a != "--self-distill"]
-    assert th.main(no_distill) == 2
+    assert cli.main(no_distill) == 2
     assert "needs --self-distill" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""Training data for Medusa heads: records from files or the hub -> token ids + loss masks.
+"""Training data for draft heads: records from files or the hub -> token ids + loss masks.
 
 Records are read through `datasets` (local json/jsonl/txt/parquet, or a hub dataset name for users
 who are online) and come in three kinds, detected from their columns:
@@ -11,9 +11,10 @@ who are online) and come in three kinds, detected from their columns:
 
 `Example.ids` is the token sequence; `Example.start` is the first position whose token is a
 training target (the response, after the prompt; 1 for plain text; for multi-turn ShareGPT records
-everything after the first prompt, later user turns included). Chat records use the
-tokenizer's chat template when it has one. The held-out split is fixed: the last `eval_fraction`
-of examples in file order (never shuffled), so metrics are comparable between runs.
+everything after the first prompt, later user turns included). Chat records go through the
+project's one chat encoding (`hf_adapter.encode_chat`) when the tokenizer has a chat template.
+The held-out split is fixed: the last `eval_fraction` of examples in file order (never shuffled),
+so metrics are comparable between runs.
 """
 
 from __future__ import annotations
@@ -23,12 +24,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from medusa_engine.hf_adapter import encode_chat, has_chat_template
+
 log = logging.getLogger(__name__)
 
 EOT = "<|endoftext|>"
 FORMATS = {".json": "json", ".jsonl": "json", ".txt": "text", ".parquet": "parquet"}
-ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-         "system": "system", "chatgpt": "assistant", "bard": "assistant"}  # fmt: skip
+ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+    "chatgpt": "assistant",
+    "bard": "assistant",
+}
 
 
 class TrainDataError(ValueError):
@@ -120,11 +130,10 @@ def prompt_messages(record: dict, kind: str) -> list[dict[str, str]]:
     return msgs[:first]
 
 
-def encode_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+def prompt_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
     """Token ids of a prompt, ready for the assistant's answer (chat template if there is one)."""
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if has_chat_template(tokenizer):
+        return encode_chat(tokenizer, messages, add_generation_prompt=True)
     text = "\n\n".join(m["content"] for m in messages) + "\n\n"
     return list(tokenizer(text)["input_ids"])
 
@@ -137,13 +146,12 @@ def encode_record(tokenizer: Any, record: dict, kind: str, max_length: int) -> E
     else:
         msgs = to_messages(record, kind)
         prompt = prompt_messages(record, kind)
-        start = len(encode_prompt(tokenizer, prompt))
-        if getattr(tokenizer, "chat_template", None):
-            text = tokenizer.apply_chat_template(msgs, tokenize=False)
-            ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        start = len(prompt_ids(tokenizer, prompt))
+        if has_chat_template(tokenizer):
+            ids = encode_chat(tokenizer, msgs, add_generation_prompt=False)
         else:
             rest = "\n\n".join(m["content"] for m in msgs[len(prompt) :])
-            ids = encode_prompt(tokenizer, prompt) + list(
+            ids = prompt_ids(tokenizer, prompt) + list(
                 tokenizer(rest, add_special_tokens=False)["input_ids"]
             )
         ids = ids[:max_length]

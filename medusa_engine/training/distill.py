@@ -1,7 +1,8 @@
 """Self-distillation data (Medusa-2, Cai et al. 2024, Sec. 2.3.2): the base model answers the
 training prompts itself, so the heads learn the distribution they will be asked to predict.
 
-Shape legend: B = prompts in a batch, T = padded prompt length, S = T + new tokens.
+Shape legend (ARCHITECTURE.md): B = prompts in a batch, T = padded prompt length, S = T + new
+tokens (the cache slots `generate` fills).
 
 `self_distill(model, prompts, cache_dir)` generates in batches (left padding: every prompt ends at
 the same column, so one `generate` call serves the batch), greedy (`temperature=0`) or sampled,
@@ -154,8 +155,8 @@ def _generate(
         pad_token_id=pad_id,
         eos_token_id=sorted(eos) or None,
     )
-    new_BN = out_BS[:, ids_BT.shape[1] :].tolist()
-    return [cut_response(row, eos) for row in new_BN]
+    new_rows = out_BS[:, ids_BT.shape[1] :].tolist()  # per prompt: its new tokens, then padding
+    return [cut_response(row, eos) for row in new_rows]
 
 
 def _write_shard(dest: Path, shard: Any) -> None:
@@ -180,8 +181,12 @@ def _check_meta(
     cache: Path, model_name: str, prompts: Sequence[Sequence[int]], config: DistillConfig
 ) -> None:
     digest = hashlib.sha256(json.dumps([list(p) for p in prompts]).encode()).hexdigest()
-    meta = {"model": model_name, "num_prompts": len(prompts), "prompts_sha256": digest,
-            **asdict(config)}  # fmt: skip
+    meta = {
+        "model": model_name,
+        "num_prompts": len(prompts),
+        "prompts_sha256": digest,
+        **asdict(config),
+    }
     meta.pop("batch_size")  # batching does not change greedy answers' meaning; allow changing it
     file = cache / "meta.json"
     cache.mkdir(parents=True, exist_ok=True)
