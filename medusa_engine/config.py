@@ -80,7 +80,7 @@ HEAD_KINDS = ("medusa", "recurrent")
 ATTENTION_CHOICES = ("hf", *BACKENDS)  # "hf": the model's own attention; else ours
 DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32")
 # Most nodes of the prompt-lookup branch under the tree's root (`drafters.LookupBranch`); why 16:
-# eval/results/cpu-mtbench-2026-11-26-s5/README.md.
+# eval/results/cpu-refactor-2026-12-03/README.md, "Figures that left the code".
 DEFAULT_LOOKUP = 16
 ACCEPTANCE_RULES = ("lossless", "typical")  # at temperature > 0; greedy is exact match
 
