@@ -104,6 +104,8 @@ class ChatLoop:
                 self.say()
                 continue
             except UnicodeDecodeError:  # bytes that are not text: the conversation goes on
+                line = "\udcff"
+            if not _is_text(line):
                 self.say(self.dim("(that line was not valid UTF-8 text; type it again)"))
                 continue
             if not line:  # end of input
@@ -156,3 +158,12 @@ class ChatLoop:
                 f"τ={result.mean_accepted:.2f}{note}]"
             )
         )
+
+
+def _is_text(line: str) -> bool:
+    """False for lines holding bytes that were not UTF-8 (surrogate escapes)."""
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -7,6 +7,7 @@ one-line `medusa-engine: error: ...` on stderr and exit code 2, never a tracebac
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import sys
@@ -162,6 +163,8 @@ def cmd_tune_tree(args: argparse.Namespace) -> int:
     from medusa_engine.trees import TREE_PRESETS
     from medusa_engine.tune import score_tree, tune
 
+    if args.tree != "default":
+        raise CLIError("tune-tree chooses the tree itself: drop --tree")
     if args.calibration_tokens < 1:
         raise CLIError(f"--calibration-tokens must be positive, got {args.calibration_tokens}")
     out = Path(args.out) if args.out else None
@@ -193,6 +196,14 @@ def cmd_tune_tree(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_text(text: str, flag: str) -> None:
+    """Command-line bytes that are not UTF-8 arrive as lone surrogates: refuse them in one line."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise CLIError(f"{flag} is not valid UTF-8 text") from None
+
+
 def _check_writable_file(path: Path, flag: str) -> None:
     """Refuse an output file that cannot be written, before any long work."""
     if path.is_dir():
@@ -219,6 +230,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from medusa_engine.generate import GenerationResult
     from medusa_engine.hf_adapter import encode_prompt
 
+    _check_text(args.prompt, "--prompt")
     engine = load_engine(engine_config(args), progress)
     tokenizer = engine.model.tokenizer
     prompt_ids = encode_prompt(tokenizer, args.prompt, args.raw)
@@ -276,6 +288,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     config = engine_config(args)
     engine = load_engine(config, progress)
+    if isinstance(sys.stdin, io.TextIOWrapper):  # bad bytes reach the loop as one bad line
+        sys.stdin.reconfigure(errors="surrogateescape")
     return ChatLoop(engine, config.max_new_tokens, sys.stdin, sys.stdout).run()
 
 

@@ -82,6 +82,9 @@ DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32")
 # Most nodes of the prompt-lookup branch under the tree's root (`drafters.LookupBranch`); why 16:
 # eval/results/cpu-refactor-2026-12-03/README.md, "Figures that left the code".
 DEFAULT_LOOKUP = 16
+# A longer branch would only ever be verified near the start of a long context (and reserves
+# its length in every step's room to the context's end).
+MAX_LOOKUP = 256
 ACCEPTANCE_RULES = ("lossless", "typical")  # at temperature > 0; greedy is exact match
 
 
@@ -153,8 +156,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.max_new_tokens <= 0:
             raise ValueError(f"--max-new-tokens must be positive, got {self.max_new_tokens}")
-        if self.lookup < 0:
-            raise ValueError(f"--lookup must be >= 0, got {self.lookup}")
+        if not 0 <= self.lookup <= MAX_LOOKUP:
+            raise ValueError(f"--lookup must be in [0, {MAX_LOOKUP}], got {self.lookup}")
         if self.dtype not in DTYPE_CHOICES:
             raise ValueError(f"unknown dtype {self.dtype!r}; choose one of {DTYPE_CHOICES}")
         if self.attention not in ATTENTION_CHOICES:

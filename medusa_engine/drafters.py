@@ -40,6 +40,7 @@ from medusa_engine.tree import TreeBuffers
 
 class Drafter(Protocol):
     num_heads: int  # depths the drafter was trained for (static trees go this deep)
+    draft_vocab_size: int  # tokens it scores per node: no tree may ask for more ranks
 
     @property
     def max_depth(self) -> int:
@@ -77,6 +78,7 @@ class LogitsDrafter:
     """Base of drafters whose logits do not depend on the tree's tokens; define `logits`."""
 
     num_heads: int
+    draft_vocab_size: int
     confidence_temp_J: torch.Tensor | None = None  # confidence temperature per head (None: 1)
 
     @property
@@ -152,6 +154,7 @@ class HeadsDrafter(LogitsDrafter):
                 Int8Linear(cast(torch.nn.Linear, proj).weight) for proj in heads.lm_heads
             )
         self.num_heads = heads.num_heads
+        self.draft_vocab_size = heads.config.vocab_size
         if heads.config.confidence_temperature:
             temps = [heads.config.confidence_temp(d) for d in range(1, self.num_heads + 1)]
             self.confidence_temp_J = torch.tensor(temps, device=model.device)
@@ -214,6 +217,7 @@ class RecurrentDrafter:
         self.num_heads = heads.num_heads
         self.embed = model.embed_tokens
         self.vocab_M = self.heads.draft_vocab_M
+        self.draft_vocab_size = int(self.vocab_M.numel())
         lm_ME = model.lm_head.weight.detach()[self.vocab_M].contiguous()  # draft vocabulary rows
         # states_BE -> logits_BM over the draft vocabulary
         self._logits: Callable[[torch.Tensor], torch.Tensor]

@@ -65,8 +65,10 @@ def _load_any(path: Path) -> AnyHeads:
         raise HeadsError(f"{path} has no config.json: not a heads folder")
     try:
         raw = json.loads(config_file.read_text())
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise HeadsError(f"{config_file} is not valid JSON: {err}") from None
+    if not isinstance(raw, dict):
+        raise HeadsError(f"{config_file} must hold a JSON object")
     if raw.get("format") == FORMAT:
         return _load_ours(path, raw)
     if "medusa_num_heads" in raw:
@@ -86,16 +88,45 @@ def _read_weights(file: Path) -> dict[str, torch.Tensor]:
         raise HeadsError(f"cannot read {file}: {type(err).__name__}: {err}") from err
 
 
-def _load_ours(path: Path, raw: dict) -> AnyHeads:
-    fields = {k: raw[k] for k in HeadsConfig.__dataclass_fields__ if k in raw}
+def _file_shapes(file: Path) -> dict[str, tuple[int, ...]]:
+    """The tensor shapes a safetensors file's header declares (nothing loaded)."""
+    from safetensors import safe_open
+
     try:
-        config = HeadsConfig(**fields)
-        heads = RecurrentHeads(config) if config.kind == "recurrent" else MedusaHeads(config)
-    except (TypeError, ValueError) as err:
-        raise HeadsError(f"{path / 'config.json'}: {err}") from None
+        with safe_open(str(file), framework="pt") as f:
+            return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}  # noqa: SIM118
+    except Exception as err:  # safetensors raises its own error types
+        raise HeadsError(f"cannot read {file}: {type(err).__name__}: {err}") from err
+
+
+def _heads_of(config: HeadsConfig) -> AnyHeads:
+    return RecurrentHeads(config) if config.kind == "recurrent" else MedusaHeads(config)
+
+
+def _load_ours(path: Path, raw: dict) -> AnyHeads:
+    """Config and weights are checked against each other before anything is allocated: the
+    config (from an untrusted folder) sizes the modules, so they are first built on the meta
+    device and compared with the shapes the weights file declares."""
+    fields = {k: raw[k] for k in HeadsConfig.__dataclass_fields__ if k in raw}
     file = path / WEIGHTS
     if not file.is_file():
         raise HeadsError(f"{path} has no {WEIGHTS}")
+    found = _file_shapes(file)
+    try:
+        config = HeadsConfig(**fields)
+        # Every head and layer has tensors of its own: more of them than tensors is a bad config
+        # (and would build that many modules even on the meta device).
+        if config.num_heads > len(found) or config.num_layers > len(found):
+            raise ValueError(
+                f"weights do not match the config: {config.num_heads} heads of "
+                f"{config.num_layers} layers, but {WEIGHTS} holds {len(found)} tensors"
+            )
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in _heads_of(config).state_dict().items()}
+    except (TypeError, ValueError, OverflowError, RuntimeError) as err:  # sizes torch refuses
+        raise HeadsError(f"{path / 'config.json'}: {str(err).splitlines()[0]}") from None
+    _check_shapes(expected, found, file)
+    heads = _heads_of(config)
     _load_state(heads, _read_weights(file), file)
     return heads
 
@@ -106,10 +137,19 @@ def _load_published(path: Path, raw: dict) -> MedusaHeads:
     if file is None:
         raise HeadsError(f"{path} has no medusa_lm_head.safetensors or medusa_lm_head.pt")
     state = _read_weights(file)
-    k, n = int(raw["medusa_num_heads"]), int(raw["medusa_num_layers"])
+    try:
+        k = int(raw["medusa_num_heads"])
+        # Absent from some published configs: the blocks of head 0 come before its projection.
+        n = int(raw.get("medusa_num_layers", max(int(key.split(".")[1]) for key in state)))
+    except (TypeError, ValueError, IndexError) as err:
+        raise HeadsError(f"{path / 'config.json'}: not Medusa heads ({err})") from None
+    if k < 1 or n < 0:
+        raise HeadsError(f"{path / 'config.json'}: {k} heads of {n} layers")
     proj = state.get(f"0.{n}.weight")
     if proj is None:
         raise HeadsError(f"{file} lacks '0.{n}.weight': not {k} heads of {n} layers")
+    if proj.ndim != 2:
+        raise HeadsError(f"{file}: '0.{n}.weight' is not a matrix")
     vocab, hidden = proj.shape
     config = HeadsConfig(
         num_heads=k,
@@ -123,6 +163,8 @@ def _load_published(path: Path, raw: dict) -> MedusaHeads:
     renamed = {}
     for key, value in state.items():
         head, layer, *rest = key.split(".")
+        if not layer.isdigit():
+            raise HeadsError(f"{file}: unexpected weight {key!r}")
         if int(layer) == n:
             renamed[f"lm_heads.{head}.{'.'.join(rest)}"] = value
         else:
@@ -131,17 +173,21 @@ def _load_published(path: Path, raw: dict) -> MedusaHeads:
     return heads
 
 
-def _load_state(heads: AnyHeads, state: dict[str, torch.Tensor], file: Path) -> None:
-    expected = heads.state_dict()
-    missing = sorted(set(expected) - set(state))
-    extra = sorted(set(state) - set(expected))
+def _check_shapes(
+    expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], file: Path
+) -> None:
+    missing = sorted(set(expected) - set(found))
+    extra = sorted(set(found) - set(expected))
     if missing or extra:
         raise HeadsError(
             f"{file}: weights do not match the config (missing {missing[:3]}, extra {extra[:3]})"
         )
-    for key, value in state.items():
-        if value.shape != expected[key].shape:
-            raise HeadsError(
-                f"{file}: {key} has shape {tuple(value.shape)}, config says {tuple(expected[key].shape)}"
-            )
+    for key, shape in found.items():
+        if shape != expected[key]:
+            raise HeadsError(f"{file}: {key} has shape {shape}, config says {expected[key]}")
+
+
+def _load_state(heads: AnyHeads, state: dict[str, torch.Tensor], file: Path) -> None:
+    expected = {k: tuple(v.shape) for k, v in heads.state_dict().items()}
+    _check_shapes(expected, {k: tuple(v.shape) for k, v in state.items()}, file)
     heads.load_state_dict(state)

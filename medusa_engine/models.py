@@ -138,6 +138,8 @@ def resolve_model(name: str) -> ModelSource:
                 return ModelSource(str(path), gguf_file=ggufs[0].name)
             raise ModelNotFoundError(f"{path} is a folder without config.json: not a HF model")
         return ModelSource(str(path))
+    if path.is_file() and path.suffix != ".gguf":
+        raise ModelNotFoundError(f"{path} is a file, not a model folder or a .gguf file")
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelNotFoundError(f"no such GGUF file: {path}")
@@ -149,4 +151,38 @@ def resolve_model(name: str) -> ModelSource:
             f"unknown model {name!r}: not an alias ({', '.join(ALIASES)}), a local folder, "
             "a .gguf file or a hub id (org/name)"
         )
+    if not _in_hub_cache(name) and not hub_reachable():
+        raise ModelNotFoundError(
+            f"{name} is not a local folder, and the Hugging Face hub is not reachable from here "
+            "(offline): give a local folder, a .gguf file or an alias"
+        )
     return ModelSource(name)  # a hub id; transformers reports if it cannot be fetched
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    """Whether a hub model's config is already in the local Hugging Face cache."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return False
+    try:
+        found = try_to_load_from_cache(repo_id, "config.json")
+    except ValueError:  # not a valid repo id
+        return False
+    return isinstance(found, str)
+
+
+def hub_reachable(timeout_s: float = 2.0) -> bool:
+    """One short connection attempt to the hub (none with HF_HUB_OFFLINE=1): transformers would
+    otherwise retry for half a minute before failing offline."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return False
+    import socket
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.create_connection((host or "huggingface.co", 443), timeout=timeout_s).close()
+    except OSError:
+        return False
+    return True

@@ -52,6 +52,7 @@ class OracleDrafter(LogitsDrafter):
         truth_rank: int = 0,
     ) -> None:
         self.ref, self.prompt_len, self.num_heads, self.vocab = ref, prompt_len, num_heads, vocab
+        self.draft_vocab_size = vocab
         self.adversarial, self.truth_rank = adversarial, truth_rank
         self.gen = torch.Generator().manual_seed(0)
 

@@ -19,16 +19,27 @@ def test_bundled_alias_resolves_to_the_package():
     assert (Path(source.path) / "config.json").is_file() and source.alias == "stories260k"
 
 
-def test_folder_gguf_and_hub_id(tmp_path):
+def test_folder_gguf_and_hub_id(tmp_path, monkeypatch):
     assert resolve_model(str(models.ASSETS / "stories260k")).gguf_file is None
     source = resolve_model(str(GGUF))
     assert source.gguf_file == GGUF.name and source.path == str(GGUF.parent)
+    monkeypatch.setattr(models, "hub_reachable", lambda: True)  # online: handed to transformers
     assert (
         resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct").path
         == "HuggingFaceTB/SmolLM2-135M-Instruct"
     )
     with pytest.raises(ModelNotFoundError, match="without config.json"):
         resolve_model(str(tmp_path))
+    (tmp_path / "notes.txt").write_text("not a model")
+    with pytest.raises(ModelNotFoundError, match="is a file, not a model folder"):
+        resolve_model(str(tmp_path / "notes.txt"))
+
+
+def test_hub_id_offline_fails_at_once(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no connection is even tried
+    assert not models.hub_reachable()
+    with pytest.raises(ModelNotFoundError, match="hub is not reachable from here"):
+        resolve_model("someorg/not-a-model-here")
 
 
 def test_gguf_loads_the_same_weights(stories260k):
