@@ -23,16 +23,10 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
-DATA = Path(__file__).resolve().parent / "data"
-
-
-def mt_bench_first_turns(limit: int | None = None) -> list[str]:
-    rows = [json.loads(line) for line in (DATA / "mt_bench" / "question.jsonl").open()]
-    return [row["turns"][0] for row in rows][:limit]
+from eval.prompts import load_prompts
 
 
 @dataclass
@@ -116,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "engine-medusa": build_engine(model, heads, args.tree),
     }
     prompts = [
-        encode_prompt(model.tokenizer, t, raw=False) for t in mt_bench_first_turns(args.limit)
+        encode_prompt(model.tokenizer, p.text) for p in load_prompts("mt_bench")[: args.limit]
     ]
     stats = {name: MethodStats() for name in ["hf", *engines]}
     pad = model.tokenizer.pad_token_id or 0

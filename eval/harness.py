@@ -143,6 +143,7 @@ def _run(args: argparse.Namespace) -> int:
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise CLIError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    _check_out_folder(Path(args.out))
     sweep = list(dict.fromkeys(_split(args.tree_sweep or "")))
     prompts = load_prompts(args.prompts, args.limit)
     if not prompts:
@@ -176,6 +177,18 @@ def _run(args: argparse.Namespace) -> int:
     print(report.table(summary))
     print(json.dumps(report.stdout_record(summary)))
     return 0
+
+
+def _check_out_folder(out: Path) -> None:
+    """Refuse an output folder that cannot take the results before any prompt runs."""
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {out} is a file; give a folder for the results")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CLIError(f"--out {out}: cannot create the folder ({err.strerror})") from None
+    if not os.access(out, os.W_OK):
+        raise CLIError(f"--out {out} is not writable")
 
 
 def _methods(

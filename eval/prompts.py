@@ -1,6 +1,6 @@
 """Evaluation prompts: the bundled MT-Bench / Spec-Bench question files, or any jsonl file.
 
-Files are read with `datasets` (`load_dataset("json", ...)`). A row's text is its first turn
+A file holds one JSON object per line (blank lines skipped). A row's text is its first turn
 (`turns[0]`), else its `prompt`, else its `text` field; its id is `question_id` (else `id`, else
 the row index); its category is `category`, else "default".
 
@@ -14,6 +14,7 @@ small run still covers every category (the first N rows of Spec-Bench are all MT
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,20 +77,31 @@ def take_round_robin(prompts: list[Prompt], limit: int | None) -> list[Prompt]:
 
 
 def _read_jsonl(path: Path) -> list[dict]:
-    import datasets
-
-    datasets.utils.logging.disable_progress_bar()
-    datasets.utils.logging.set_verbosity_error()
+    """The rows of a jsonl file; `PromptsError` naming the line for anything that is not one JSON
+    object per line."""
+    rows = []
     try:
-        ds = datasets.load_dataset("json", data_files=str(path), split="train")
-    except Exception as err:  # datasets raises several types for malformed files
-        raise PromptsError(f"cannot read {path} as jsonl: {str(err).splitlines()[0]}") from None
-    return list(ds)
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise PromptsError(f"cannot read {path}: {err}") from None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise PromptsError(f"{path}, line {number}: not valid JSON ({err})") from None
+        if not isinstance(row, dict):
+            raise PromptsError(f"{path}, line {number}: a row must be a JSON object")
+        rows.append(row)
+    return rows
 
 
 def _prompt(row: dict, index: int, path: Path) -> Prompt:
     turns = row.get("turns")
     if turns:
+        if not isinstance(turns, list) or not isinstance(turns[0], str):
+            raise PromptsError(f"{path}: row {index}'s `turns` must be a list of strings")
         text = turns[0]
     elif row.get("prompt"):
         text = row["prompt"]

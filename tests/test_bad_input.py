@@ -209,3 +209,40 @@ def test_the_model_offline_fails_at_once(capsys, monkeypatch):
     start = time.perf_counter()
     err = one_line_error(capsys, "generate", "--model", "someorg/somemodel", "--prompt", "hi")
     assert "not reachable" in err and time.perf_counter() - start < 5
+
+
+# ---- bench --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("", "holds no prompts"),
+        ('{"turns": ["a"]}\n{"turns": ["b"\n', "line 2: not valid JSON"),
+        ("[1, 2, 3]\n", "line 1: a row must be a JSON object"),
+        ('{"turns": [1]}\n', "must be a list of strings"),
+        ('{"title": "x"}\n', "has no `turns`, `prompt` or `text`"),
+    ],
+)
+def test_bench_refuses_bad_prompt_files_before_loading_a_model(
+    capsys, tmp_path, monkeypatch, content, message
+):
+    from eval import harness
+
+    monkeypatch.setattr(harness, "load_engine", lambda *a, **k: pytest.fail("model loaded"))
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(content)
+    err = one_line_error(capsys, "bench", "--prompts", str(prompts), "--out", str(tmp_path / "o"))
+    assert message in err
+
+
+def test_bench_refuses_an_output_it_cannot_write_before_running(capsys, tmp_path, monkeypatch):
+    from eval import harness
+
+    monkeypatch.setattr(harness, "load_engine", lambda *a, **k: pytest.fail("model loaded"))
+    a_file = tmp_path / "results.txt"
+    a_file.write_text("keep me")
+    err = one_line_error(capsys, "bench", "--prompts", "mt_bench", "--out", str(a_file))
+    assert "is a file" in err and a_file.read_text() == "keep me"
+    err = one_line_error(capsys, "bench", "--prompts", "mt_bench", "--out", str(a_file / "sub"))
+    assert "cannot create the folder" in err
