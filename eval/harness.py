@@ -66,7 +66,6 @@ PLD_TOKENS = 10
 REPO = Path(__file__).resolve().parent.parent
 
 
-
 @dataclass
 class Method:
     """A labelled way to answer one prompt: `call(ids, max_new_tokens) -> (tokens, ttft, steps)`."""
