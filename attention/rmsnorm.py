@@ -5,7 +5,7 @@ Shape legend: B rows (tokens), E features.
 `rms_norm_reference` is the Llama definition that transformers' `LlamaRMSNorm` (and the Mistral /
 Qwen2 / Qwen3 norms) compute: in float32, x * rsqrt(mean(x^2) + eps), rounded to the input dtype,
 then times the weight. Eagerly that is ~6 kernels per norm (copy, pow, mean, add+rsqrt, mul,
-cast, mul), 65 norms per 7B step (the profile: eval/results/h100-2026-11-26-s4/README.md).
+cast, mul), 65 norms per 7B step (the profile: eval/results/h100-2026-11-26-9b3b7ad/README.md).
 `rms_norm_triton` does the same arithmetic in one launch, one program per row (up to float32
 summation order).
 

@@ -231,7 +231,8 @@ def default_num_splits(n_programs: int, n_kv_blocks: int, device: torch.device) 
     """As many kv splits as fill the GPU's multiprocessors once (one wave); 1 for a busy grid.
 
     One wave read the cache faster than two on an H100 and an H200, and no other launch variant
-    beat these defaults: eval/results/h100-2026-11-26-s4/ and h200-2026-11-26-s9/ (READMEs).
+    beat these defaults: the READMEs of eval/results/h100-2026-11-26-9b3b7ad/ and
+    h200-2026-11-26-f4bcf67/.
     """
     n_sm = (
         torch.cuda.get_device_properties(device).multi_processor_count

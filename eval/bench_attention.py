@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -41,55 +40,9 @@ from typing import Any
 import torch
 
 from attention.masks import full_mask_QK, tree_bitmask_QW
+from eval.timing import FLUSHES, environment, graph_of, l2_flush, load_average, median_ms
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-FLUSHES = ("write", "read", "none")
-
-
-def l2_flush(mode: str) -> Callable[[], object]:
-    """What runs before each timed call: `write` zeroes a 256 MiB buffer (L2 left dirty), `read`
-    sums it (L2 left clean), `none` does nothing (L2 warm with the previous call's data)."""
-    if mode == "none":
-        return lambda: None
-    scratch = torch.ones(256 * 2**20, dtype=torch.uint8, device="cuda")
-    if mode == "write":
-        return scratch.zero_
-    if mode == "read":
-        return lambda: scratch.max()
-    raise ValueError(f"unknown flush {mode!r}; expected one of {FLUSHES}")
-
-
-def cuda_time(fn: Callable[[], object], warmup: int, iters: int, flush: str) -> float:
-    """Median seconds of fn() by CUDA events, `l2_flush(flush)` before each timed call."""
-    before = l2_flush(flush)
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    events = []
-    for _ in range(iters):
-        before()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        events.append((start, end))
-    torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in events) / 1e3
-
-
-def graph_of(fn: Callable[[], object]) -> Callable[[], object]:
-    """fn captured in a CUDA graph (after a warm-up on a side stream); returns its replay."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
 
 
 def random_tree(n: int, seed: int) -> torch.Tensor:
@@ -202,17 +155,25 @@ def run_case(
     flops = 4 * args.heads * q_len * kv_len * args.head_dim / (2 if causal else 1)
     rows = []
     first, *others = args.flush
+
+    def seconds_of(fn: Callable[[], object], flush: str) -> float:
+        """Median seconds of fn by CUDA events, `l2_flush(flush)` before each call."""
+        before = l2_flush(flush)
+        return 1e-3 * median_ms(
+            fn, "cuda", iters=args.iters, warmup=args.warmup, before=before, clock="events"
+        )
+
     for name, fn in fns.items():
         row: dict = {"case": case, "backend": name, "q": q_len, "k": kv_len, "flush": first}
         try:
-            eager_s = cuda_time(fn, args.warmup, args.iters, first)
+            eager_s = seconds_of(fn, first)
             out = fn()
             try:
                 replay = graph_of(fn)
-                seconds = cuda_time(replay, args.warmup, args.iters, first)
+                seconds = seconds_of(replay, first)
                 row["graph_us"] = seconds * 1e6
                 for flush in others:  # the same graph, another L2 state before each replay
-                    other_s = cuda_time(replay, args.warmup, args.iters, flush)
+                    other_s = seconds_of(replay, flush)
                     row[f"graph_us_{flush}_flush"] = other_s * 1e6
                     row[f"kv_tb_s_{flush}_flush"] = kv_bytes / other_s / 1e12
             except Exception as exc:  # noqa: BLE001 - a backend that cannot be captured
@@ -228,20 +189,6 @@ def run_case(
             row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
         rows.append(row)
     return rows
-
-
-def environment(dtype_name: str) -> dict:
-    import triton
-
-    props = torch.cuda.get_device_properties(0)
-    return {
-        "device": props.name,
-        "sm_count": props.multi_processor_count,
-        "dtype": dtype_name,
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "triton": triton.__version__,
-    }
 
 
 def format_table(rows: list[dict], flushes: Sequence[str]) -> str:
@@ -310,12 +257,14 @@ def main(argv: list[str] | None = None) -> int:
         print("bench_attention needs a CUDA GPU; none is visible here.", file=sys.stderr)
         return 2
     dtype = DTYPES[args.dtype]
+    load_start = load_average()
     rows = []
     for kv_len in args.cache_lens:
         rows += run_case("tree", args.tree_queries, kv_len, args, dtype)
     if args.prefill_len:
         rows += run_case("prefill", args.prefill_len, args.prefill_len, args, dtype)
-    env = environment(args.dtype)
+    props = torch.cuda.get_device_properties(0)
+    env = {**environment("cuda", dtype, load_start), "sm_count": props.multi_processor_count}
     print(" ".join(f"{k}={v}" for k, v in env.items()))
     print(format_table(rows, args.flush))
     print(json.dumps({"bench": "attention", **env, "args": vars(args), "rows": rows}))

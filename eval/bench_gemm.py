@@ -15,7 +15,7 @@ import sys
 
 import torch
 
-from eval.bench_attention import cuda_time, graph_of
+from eval.timing import environment, graph_of, l2_flush, load_average, median_ms
 
 E, F, V = 4096, 11008, 32000
 LAYERS = {  # name -> (out features, in features, count per decoder layer)
@@ -33,6 +33,7 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("bench_gemm needs a CUDA GPU", file=sys.stderr)
         return 2
+    load_start, flush = load_average(), l2_flush("write")
     rows = []
     for m in (1, 16, 64):
         for name, shapes in LAYERS.items():
@@ -43,14 +44,19 @@ def main() -> int:
                 for w, x in zip(ws, xs):
                     torch.nn.functional.linear(x, w)
 
-            seconds = cuda_time(graph_of(fn), 5, 30, "write")
+            replay = graph_of(fn)
+            seconds = 1e-3 * median_ms(
+                replay, "cuda", iters=30, warmup=5, before=flush, clock="events"
+            )
             nbytes = sum(w.numel() * 2 for w in ws)
-            rows.append({"m": m, "layer": name, "us": seconds * 1e6,
-                         "tb_s": nbytes / seconds / 1e12})  # fmt: skip
+            rows.append(
+                {"m": m, "layer": name, "us": seconds * 1e6, "tb_s": nbytes / seconds / 1e12}
+            )
             print(
                 f"M={m:<3} {name:<18} {seconds * 1e6:9.1f} us  {nbytes / seconds / 1e12:5.2f} TB/s"
             )
-    print(json.dumps({"bench": "gemm", "device": torch.cuda.get_device_name(), "rows": rows}))
+    stamp = environment("cuda", torch.bfloat16, load_start)
+    print(json.dumps({"bench": "gemm", **stamp, "rows": rows}))
     return 0
 
 

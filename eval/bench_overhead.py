@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from collections.abc import Sequence
@@ -27,25 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from eval.prompts import load_prompts
-
-
-@dataclass
-class Timer:
-    """Accumulates the wall time of the calls it wraps."""
-
-    seconds: float = 0.0
-    calls: int = 0
-
-    def wrap(self, fn):
-        def timed(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.seconds += time.perf_counter() - start
-                self.calls += 1
-
-        return timed
+from eval.timing import CallTimer, environment, heads_label, load_average
 
 
 @dataclass
@@ -102,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         torch.manual_seed(0)
         heads = MedusaHeads(HeadsConfig(4, 1, model.hidden_size, model.vocab_size))
-    forward_t, logits_t = Timer(), Timer()
+    forward_t, logits_t = CallTimer(), CallTimer()
     model.forward = forward_t.wrap(model.forward)  # type: ignore[method-assign]
     model.logits = logits_t.wrap(model.logits)  # type: ignore[method-assign]
     engines = {
@@ -117,11 +98,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def run_hf(ids: list[int]) -> list[int]:
         out = hf_model.generate(
-            torch.tensor([ids]), max_new_tokens=args.max_new_tokens, do_sample=False,
+            torch.tensor([ids]),
+            max_new_tokens=args.max_new_tokens,
+            do_sample=False,
             pad_token_id=pad,
-        )  # fmt: skip
+        )
         return out[0, len(ids) :].tolist()
 
+    load_start = load_average()
     run_hf(prompts[0][:16])  # warm-up
     engines["engine-medusa"].generate(prompts[0][:16], 8)
     for ids in prompts:
@@ -150,14 +134,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "dtype": args.dtype,
         "tree": args.tree,
         "attention": args.attention,
-        "heads": args.heads or "random(4x1)",
+        "heads": heads_label(args.heads, args.model) if args.heads else "random(4x1)",
         "prompts": len(prompts),
         "max_new_tokens": args.max_new_tokens,
-        "device": "cpu",
-        "cpu": platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "transformers": __import__("transformers").__version__,
+        **environment(model.device, model.dtype, load_start),
         "methods": {name: s.row() for name, s in stats.items()},
     }
     hf_rate = summary["methods"]["hf"]["tokens_per_s"]
@@ -167,8 +147,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, row in summary["methods"].items():
         ratio = row["tokens_per_s"] / hf_rate if hf_rate else 0
         over = "-" if row["overhead_share"] is None else f"{100 * row['overhead_share']:.1f}%"
-        print(f"{name:<15}{row['tokens_per_s']:>9.1f}{ratio:>7.2f}x{row['ms_per_step'] or 0:>9.1f}"
-              f"{over:>10}{row['tau'] or 1:>7.2f}{row['greedy_mismatches']:>10}")  # fmt: skip
+        print(
+            f"{name:<15}{row['tokens_per_s']:>9.1f}{ratio:>7.2f}x{row['ms_per_step'] or 0:>9.1f}"
+            f"{over:>10}{row['tau'] or 1:>7.2f}{row['greedy_mismatches']:>10}"
+        )
     print(json.dumps(summary))
     return 0
 

@@ -27,14 +27,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import statistics
 import sys
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
+
+from eval.timing import environment, load_average, median_ms, sync
 
 PRESETS: dict[str, dict[str, Any]] = {
     "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
@@ -45,28 +44,6 @@ PRESETS: dict[str, dict[str, Any]] = {
                  num_attention_heads=4, num_key_value_heads=2, vocab_size=512),
 }  # fmt: skip
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def _timed(
-    fn: Callable[[], object],
-    device: torch.device,
-    repeats: int,
-    before: Callable[[], object] | None = None,
-) -> float:
-    """Median milliseconds of `fn` after two warm-up calls; `before` runs untimed before each."""
-    times = []
-    for i in range(repeats + 2):
-        if before is not None:
-            before()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= 2:
-            times.append(1000 * (time.perf_counter() - start))
-    return statistics.median(times)
 
 
 def _random_model(preset: str, dtype: torch.dtype, device: torch.device, context: int = 4096):
@@ -122,11 +99,12 @@ def _engine_steps(model_hf, attention: str, sizes: Sequence[int], prefix: int):
     model.restore()  # give the model back as it came
 
 
-def bench_engine(model_hf, attention: str, sizes: Sequence[int], prefix: int, repeats: int,
-                 out: dict) -> None:  # fmt: skip
+def bench_engine(
+    model_hf, attention: str, sizes: Sequence[int], prefix: int, repeats: int, out: dict
+) -> None:
     """Time the engine's verification step (all of it) for each tree size."""
     for size, step in _engine_steps(model_hf, attention, sizes, prefix):
-        out[size] = _timed(step, model_hf.device, repeats)
+        out[size] = median_ms(step, model_hf.device, iters=repeats, warmup=2)
 
 
 ATTENTION_KERNELS = ("_split_kv_kernel", "_combine_kernel")  # the triton backend's two kernels
@@ -146,28 +124,31 @@ def profile_engine(model_hf, attention: str, sizes: Sequence[int], prefix: int) 
 
     for size, step in _engine_steps(model_hf, attention, sizes, prefix):
         step(), step()
-        torch.cuda.synchronize()
+        sync(model_hf.device)
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(3):
                 step()
-            torch.cuda.synchronize()
+            sync(model_hf.device)
         kernels = [e for e in prof.key_averages() if e.device_time_total > 0]
         total = sum(e.self_device_time_total for e in kernels) / 3
         print(f"--- engine-{attention}, {size} nodes: {total / 1000:.2f} ms of kernels per step")
         for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:14]:
             print(f"{e.self_device_time_total / 3000:8.3f} ms {e.count // 3:5d}x  {e.key[:100]}")
-        attention_us = sum(
-            e.self_device_time_total for e in kernels if e.key in ATTENTION_KERNELS
-        ) / 3  # fmt: skip
+        attention_us = (
+            sum(e.self_device_time_total for e in kernels if e.key in ATTENTION_KERNELS) / 3
+        )
         if attention_us:
             kv_bytes = kv_read_bytes(model_hf.config, prefix + size, model_hf.dtype)
-            print(f"attention kernels ({' + '.join(ATTENTION_KERNELS)}): {attention_us:.1f} us per "
-                  f"step = {kv_bytes / attention_us / 1e6:.3f} TB/s of K/V read "
-                  f"({kv_bytes / 1e6:.1f} MB over {prefix + size} keys, all layers)")  # fmt: skip
+            print(
+                f"attention kernels ({' + '.join(ATTENTION_KERNELS)}): {attention_us:.1f} us per "
+                f"step = {kv_bytes / attention_us / 1e6:.3f} TB/s of K/V read "
+                f"({kv_bytes / 1e6:.1f} MB over {prefix + size} keys, all layers)"
+            )
 
 
-def bench_engine_graph(model_hf, attention: str, sizes: Sequence[int], prefix: int,
-                       repeats: int, out: dict) -> None:  # fmt: skip
+def bench_engine_graph(
+    model_hf, attention: str, sizes: Sequence[int], prefix: int, repeats: int, out: dict
+) -> None:
     """Time a CUDA-graph-captured `StaticStep` (drafting to compaction) for each tree size."""
     from medusa_engine.static_step import StaticStep
     from medusa_engine.tune import synthetic_tree
@@ -181,7 +162,7 @@ def bench_engine_graph(model_hf, attention: str, sizes: Sequence[int], prefix: i
             step.run(state)
             session.truncate(prefix)
 
-        out[size] = _timed(run, model.device, repeats)
+        out[size] = median_ms(run, model.device, iters=repeats, warmup=2)
     model.restore()  # give the model back as it came
 
 
@@ -217,14 +198,21 @@ def bench_hf_static(model_hf, sizes: Sequence[int], prefix: int, repeats: int, o
         tokens = torch.randint(3, model_hf.config.vocab_size, (1, size), device=device)
         positions = torch.arange(prefix, prefix + size, device=device)[None]
 
-        def call(t: torch.Tensor = tokens, p: torch.Tensor = positions, n: int = size,
-                 fn: Any = compiled) -> object:  # fmt: skip
-            return fn(input_ids=t, position_ids=p, cache_position=p[0],
-                      use_cache=True, logits_to_keep=n, **{cache_kw: cache})  # fmt: skip
+        def call(
+            t: torch.Tensor = tokens, p: torch.Tensor = positions, n: int = size, fn: Any = compiled
+        ) -> object:
+            return fn(
+                input_ids=t,
+                position_ids=p,
+                cache_position=p[0],
+                use_cache=True,
+                logits_to_keep=n,
+                **{cache_kw: cache},
+            )
 
         try:
             with torch.inference_mode():
-                out[size] = _timed(call, device, repeats, before=rewind)
+                out[size] = median_ms(call, device, iters=repeats, warmup=2, before=rewind)
         except Exception as err:  # noqa: BLE001 - report the failure in the table, keep going
             out[size] = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:120]}"
 
@@ -252,6 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     hf_logging.set_verbosity_error()
     device = torch.device(args.device)
+    load_start = load_average()
     sizes = [int(s) for s in args.sizes.split(",")]
     model_hf = _random_model(args.preset, DTYPES[args.dtype], device, args.prefix + max(sizes) + 8)
     if args.profile:
@@ -267,11 +256,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             elif method == "hf-static-compiled":
                 bench_hf_static(model_hf, sizes, args.prefix, args.repeats, row)
             elif method.startswith("engine-graph-"):
-                bench_engine_graph(model_hf, method.removeprefix("engine-graph-"), sizes,
-                                   args.prefix, args.repeats, row)  # fmt: skip
+                bench_engine_graph(
+                    model_hf,
+                    method.removeprefix("engine-graph-"),
+                    sizes,
+                    args.prefix,
+                    args.repeats,
+                    row,
+                )
             elif method.startswith("engine-"):
-                bench_engine(model_hf, method.removeprefix("engine-"), sizes, args.prefix,
-                             args.repeats, row)  # fmt: skip
+                bench_engine(
+                    model_hf, method.removeprefix("engine-"), sizes, args.prefix, args.repeats, row
+                )
             else:
                 raise ValueError(f"unknown method {method!r}")
         except Exception as err:  # noqa: BLE001
@@ -279,8 +275,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{method} done: {row}", file=sys.stderr, flush=True)  # kept if a later one hangs
 
     last = sizes[-1]
-    print(f"{'method':<32}" + "".join(f"{f'{s} nodes':>12}" for s in sizes)
-          + f"{f'{last}/1':>8}   (ms per step)")  # fmt: skip
+    print(
+        f"{'method':<32}"
+        + "".join(f"{f'{s} nodes':>12}" for s in sizes)
+        + f"{f'{last}/1':>8}   (ms per step)"
+    )
     for method, row in results.items():
         cells = [row.get(s) for s in sizes]
         text = [f"{c:>12.2f}" if isinstance(c, float) else f"{'-':>12}" for c in cells]
@@ -289,18 +288,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         text.append(f"{ratio:>8.2f}" if ratio is not None else f"{'-':>8}")
         print(f"{method:<32}" + "".join(text) + (f"   {row['error']}" if "error" in row else ""))
     summary = {
-        "benchmark": "step_latency", "preset": args.preset, "dtype": args.dtype,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine(),
-        "prefix": args.prefix, "torch": torch.__version__,
-        "transformers": __import__("transformers").__version__,
+        "benchmark": "step_latency",
+        "preset": args.preset,
+        "prefix": args.prefix,
+        **environment(device, DTYPES[args.dtype], load_start),
         "ms_per_step": {m: {str(k): v for k, v in r.items()} for m, r in results.items()},
-    }  # fmt: skip
+    }
     print(json.dumps(summary))
     return 0
 
 
-def bench_engine_forward_only(model_hf, sizes: Sequence[int], prefix: int, repeats: int,
-                              out: dict) -> None:  # fmt: skip
+def bench_engine_forward_only(
+    model_hf, sizes: Sequence[int], prefix: int, repeats: int, out: dict
+) -> None:
     """HF's own attention over a DynamicCache: one forward + logits of a tree of each size."""
     from medusa_engine.hf_adapter import HFModel
     from medusa_engine.tune import synthetic_tree
@@ -321,7 +321,7 @@ def bench_engine_forward_only(model_hf, sizes: Sequence[int], prefix: int, repea
             model.logits(hidden)
             session.truncate(prefix)
 
-        out[size] = _timed(step, model.device, repeats)
+        out[size] = median_ms(step, model.device, iters=repeats, warmup=2)
 
 
 if __name__ == "__main__":

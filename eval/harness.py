@@ -34,13 +34,10 @@ import argparse
 import json
 import logging
 import os
-import platform
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +45,16 @@ import torch
 
 from eval import metrics, report
 from eval.prompts import Prompt, load_prompts
-from eval.timing import MEMORY_SOURCES, HFStepClock, PeakMemory, first_item_time, sync
+from eval.timing import (
+    MEMORY_SOURCES,
+    HFStepClock,
+    PeakMemory,
+    environment,
+    first_item_time,
+    heads_label,
+    repo_relative,
+    sync,
+)
 from medusa_engine.cli import CLIError, add_model_args, engine_config, progress
 from medusa_engine.config import SamplingConfig
 from medusa_engine.engine import heads_folder, load_engine, tree_value
@@ -63,7 +69,6 @@ SAMPLED = {"hf-sample": None, "medusa-typical": "typical", "medusa-lossless": "l
 GREEDY = ("hf", "hf-pld", "medusa")
 BASELINE = "hf"
 PLD_TOKENS = 10
-REPO = Path(__file__).resolve().parent.parent
 
 
 @dataclass
@@ -331,65 +336,28 @@ def _summary(args, prompts, runners, runs, model, load_start, sweep_trees) -> di
 
 
 def _stamp(args, model, runners, load_start) -> dict:
-    device = model.device
-    trees = {m.label: {"name": m.tree, "nodes": m.engine.tree.num_nodes,
-                       "depth": m.engine.tree.max_depth}
-             for m in runners if m.engine is not None}  # fmt: skip
-    load_end = os.getloadavg()
+    trees = {
+        m.label: {
+            "name": repo_relative(m.tree) if m.tree and os.path.isabs(m.tree) else m.tree,
+            "nodes": m.engine.tree.num_nodes,
+            "depth": m.engine.tree.max_depth,
+        }
+        for m in runners
+        if m.engine is not None
+    }
     return {
         "model": args.model,
-        "device": str(device),
-        "device_name": (
-            torch.cuda.get_device_name(device)
-            if device.type == "cuda"
-            else platform.processor() or platform.machine()
-        ),
-        "dtype": str(model.dtype).removeprefix("torch."),
-        "threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "load_avg_1m": [round(load_start[0], 2), round(load_end[0], 2)],
-        "torch": torch.__version__,
-        "transformers": _version("transformers"),
-        "heads": _heads_path(args),
+        **environment(model.device, model.dtype, load_start[0]),
+        "heads": heads_label(str(args.heads), args.model),
         "trees": trees,
         "temperature": args.temperature if SAMPLED.keys() & set(_split(args.methods)) else None,
         "seed": 0 if args.seed is None else args.seed,
         "pld_num_tokens": PLD_TOKENS,
-        "git_commit": _git("rev-parse", "HEAD"),
-        "git_dirty": None if (st := _git("status", "--porcelain")) is None else bool(st),
-        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-
-
-def _heads_path(args: argparse.Namespace) -> str:
-    """`--heads` as a path (`auto` resolved to the alias's bundled heads, if any)."""
-    if args.heads != "auto":
-        return str(args.heads)
-    from medusa_engine.models import resolve_model
-
-    bundled = resolve_model(args.model).bundled_heads
-    return str(bundled) if bundled is not None else "none (auto: no bundled heads)"
 
 
 def _split(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
-
-
-def _version(package: str) -> str | None:
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return None
-
-
-def _git(*argv: str) -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", *argv], cwd=REPO, capture_output=True, text=True, timeout=10, check=True
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip()
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ drafter's transition and draft LM head at every depth, Medusa heads' vocabulary 
 With so few rows a CPU is bound by reading the weights, so fbgemm's dynamic int8 linear
 (`torch.ops.quantized`: int8 weights with one scale per output row, the activations quantised to
 uint8 at each call), which reads a quarter of the bytes in a native kernel, drafts faster at
-nearly the same τ. The figures: eval/results/cpu-mtbench-2026-11-26-s7/README.md, *Int8 drafting*.
+nearly the same τ. The figures: eval/results/cpu-mtbench-2026-11-26-00c88f6/README.md,
+*Int8 drafting*.
 
 The drafter only proposes; verification decides. So the rounding can cost acceptance but does
 not change what the engine computes: greedy stays identical to plain greedy (tested in fp32; in

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU session's one prepared script: `gpu`-marked tests, then the benchmarks, each with its
+# The GPU checks as one prepared script: `gpu`-marked tests, then the benchmarks, each with its
 # own time limit, every log under $OUT (default ./runs/gpu). Usage: scripts/gpu_checks.sh [PARTS]
 # where PARTS is a comma list of: env, tests, triton, attention, insitu, gemm, profile, step,
 # hfstatic, dit (default: all; about 14 minutes at most, so a 10-minute call takes a subset).
@@ -24,7 +24,7 @@ run() {  # run NAME LIMIT_S CMD...: log to $OUT/NAME.log, print its tail
 
 if part env; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  $PY -c "import torch, transformers, triton; print(torch.__version__, transformers.__version__, triton.__version__)"
+  $PY -c "import json, torch; from eval.timing import environment; print(json.dumps(environment('cuda', torch.bfloat16)))"
 fi
 part tests && run tests 80 $PY -m pytest -m gpu -q -p no:cacheprovider \
   tests/test_attention_gpu.py tests/test_diffusion_dit.py tests/test_static_step.py
@@ -44,5 +44,5 @@ part step && run step 90 $PY -m eval.bench_step --preset 7b --sizes 1,16,32,64 -
   --methods hf-eager,engine-triton,engine-graph-triton,engine-graph-triton+eager-norms,engine-graph-sdpa
 part hfstatic && run step_hf_static 180 $PY -m eval.bench_step --preset 7b --sizes 1,16,32,64 \
   --repeats 10 --methods hf-static-compiled
-part dit && run dit 60 $PY -m diffusion_ext.bench --iters 10
+part dit && run dit 60 $PY -m eval.bench_diffusion --iters 10
 exit 0

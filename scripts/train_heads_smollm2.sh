@@ -26,8 +26,8 @@
 # History (2026-11-26, 2-core CPU): Medusa heads (1 residual block + linear map, shared LM head),
 #   3 epochs on the greedy answers only: held-out top-1 0.297 / 0.156 / 0.105 / 0.101, τ 1.48,
 #   1.11x on 8 MT-Bench prompts. Recurrent heads replaced them; see the heads' README.md.
-#   Session 2 recurrent heads (greedy + reference answers only, 8,192 draft vocabulary): held-out
-#   top-1 0.514 / 0.428 / 0.409 / 0.413. Session 4 (+ one sampled pass, 16,384 vocabulary,
+#   The f4665be recurrent heads (greedy + reference answers only, 8,192 draft vocabulary): held-out
+#   top-1 0.514 / 0.428 / 0.409 / 0.413. The e9c327d heads (+ one sampled pass, 16,384 vocabulary,
 #   3 epochs): 0.552 / 0.447 / 0.429 / 0.420.
 set -euo pipefail
 cd "$(dirname "$0")/.."

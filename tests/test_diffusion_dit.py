@@ -134,7 +134,7 @@ def test_label_dropout_uses_the_null_class() -> None:
 
 
 def test_bench_smoke_on_cpu() -> None:
-    from diffusion_ext.bench import run_bench
+    from eval.bench_diffusion import run_bench
 
     rows = run_bench(
         "tiny-digits",
@@ -154,7 +154,7 @@ def test_bench_smoke_on_cpu() -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_bench_runs_on_gpu() -> None:
-    from diffusion_ext.bench import run_bench
+    from eval.bench_diffusion import run_bench
 
     rows = run_bench("DiT-S/8", batch=4, iters=2, warmup=1)
     assert {r["backend"] for r in rows} >= {"sdpa", "reference"}

@@ -9,7 +9,15 @@ import torch
 
 from eval import harness
 from eval.prompts import PromptsError, load_prompts, take_round_robin
-from eval.timing import HFStepClock, PeakMemory
+from eval.timing import (
+    REPO,
+    CallTimer,
+    HFStepClock,
+    PeakMemory,
+    environment,
+    heads_label,
+    time_calls,
+)
 from tests.helpers import random_heads
 
 STORIES = ["Once upon a time", "Tom had a red ball", "The cat was very hungry"]
@@ -82,6 +90,38 @@ def test_peak_memory_sees_a_fresh_allocation():
         assert mem.peak_bytes >= 60 << 20, mem.peak_bytes
 
 
+def test_time_calls_warms_up_runs_before_each_call_and_times_the_rest():
+    calls = {"fn": 0, "before": 0}
+
+    def fn() -> None:
+        calls["fn"] += 1
+
+    def before() -> None:
+        calls["before"] += 1
+
+    for clock in ("wall", "events"):  # events: the host clock off CUDA
+        seconds = time_calls(fn, "cpu", iters=3, warmup=2, before=before, clock=clock)
+        assert len(seconds) == 3 and all(s >= 0 for s in seconds)
+    assert calls == {"fn": 10, "before": 10}
+    with pytest.raises(ValueError, match="unknown clock"):
+        time_calls(fn, "cpu", iters=1, clock="sundial")
+    timer = CallTimer()
+    assert timer.wrap(lambda x: x + 1)(1) == 2 and timer.calls == 1 and timer.seconds >= 0
+
+
+def test_stamps_name_no_folder_of_the_machine(tmp_path):
+    assert heads_label("auto", "stories260k") == "bundled:stories260k"
+    bundled = REPO / "medusa_engine" / "assets" / "heads" / "stories260k"
+    assert heads_label(str(bundled), "stories260k") == "medusa_engine/assets/heads/stories260k"
+    assert heads_label("none", "stories260k") == "none"
+    assert not heads_label(str(tmp_path / "heads"), "stories260k").startswith("/")
+    stamp = environment("cpu", torch.float32, load_start=0.5)
+    assert stamp["dtype"] == "float32" and stamp["load_avg_1m"][0] == 0.5
+    assert stamp["torch"] == torch.__version__ and stamp["threads"] == torch.get_num_threads()
+    assert {"device_name", "transformers", "git_commit", "git_dirty", "time_utc"} <= set(stamp)
+    assert not any(isinstance(v, str) and v.startswith("/") for v in stamp.values()), stamp
+
+
 def test_bad_flags_end_in_one_line_errors(capsys, tmp_path):
     code = harness.main(["--prompts", "mt_bench", "--methods", "hf,nope", "--out", str(tmp_path)])
     err = capsys.readouterr().err
@@ -146,6 +186,7 @@ def test_bench_end_to_end_on_stories260k(capsys, tmp_path):
         "name": "cpu_16", "nodes": 17, "depth": 4,
     }  # fmt: skip
     assert stamp["torch"] == torch.__version__ and stamp["transformers"]
+    assert not stamp["heads"].startswith("/")  # relative to the repository root
     answers = [json.loads(x) for x in (out / "medusa.jsonl").read_text().splitlines()]
     hf = [json.loads(x) for x in (out / "hf.jsonl").read_text().splitlines()]
     assert [a["question_id"] for a in answers] == [0, 1, 2]
