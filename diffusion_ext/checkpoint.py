@@ -1,9 +1,22 @@
-"""Atomic training checkpoints and the small EMA-only export.
+"""Training checkpoints and the small EMA-only export: safetensors + JSON, nothing unpickled.
 
-* `save_atomic(obj, path)`: torch.save to a temporary file in the same folder, fsync, then
-  `os.replace`, so a crash never leaves a half-written checkpoint behind.
+* `save_state(state, path)` / `load_state(path)`: the whole training state (model, EMA, optimizer,
+  loss scaler, RNG, step, config). Every tensor is stored under its path in the state (e.g.
+  `optimizer/state/0/exp_avg`); everything else is JSON in the file's metadata, each tensor
+  replaced by `{"__tensor__": key}`. Tuples and dicts with int keys (the optimizer's per-parameter
+  state) are tagged so they come back as they were; JSON floats round-trip bit for bit (`repr`),
+  so a resumed run is bit-exact. Loading parses a JSON header and raw tensor bytes: a crafted file
+  cannot run code. Pickles are never loaded: `torch.load(weights_only=True)` would refuse them
+  too, but torch < 2.6 (which pyproject.toml allows) had a code-execution hole in exactly that
+  path (CVE-2025-32434). Same layout as `medusa_engine/training/checkpoint.py`, written again here
+  because the library packages do not import each other.
 * `export_ema` / `load_dit`: EMA weights only, as safetensors, with the DiT config and process
   name in the metadata; `dtype` (fp32 by default, bf16/fp16 to halve the size) is the storage type.
+  `load_dit` checks the config against the file's tensor shapes on the meta device before it
+  allocates anything, so a bad or crafted file is a ValueError, not a giant allocation.
+
+Writes go to a temporary file in the same folder, fsync, then `os.replace`: a crash never leaves a
+half-written file behind, and the previous one stays intact.
 """
 
 from __future__ import annotations
@@ -12,22 +25,37 @@ import dataclasses
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from diffusion_ext.config import DiTConfig
+from diffusion_ext.config import PROCESSES, DiTConfig
 from diffusion_ext.dit import DiT
 
+STATE_FORMAT = "diffusion_ext-train-state"
+STATE_VERSION = "1"
+TAGS = ("__tensor__", "__tuple__", "__items__")  # JSON objects with one of these keys are encoded
 
-def _replace_atomically(write: Any, path: Path) -> None:
+
+def replace_atomically(write: Callable[[str], object], path: str | Path) -> None:
+    """Call `write(tmp)` on a temporary file beside `path`, fsync it, rename it over `path`.
+
+    The temporary file gets the permissions a plain `open(path, "w")` would (0666 less the umask),
+    not mkstemp's 0600. On any error it is removed and `path` is left as it was.
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
@@ -37,14 +65,70 @@ def _replace_atomically(write: Any, path: Path) -> None:
             os.remove(tmp)
 
 
-def save_atomic(obj: dict[str, Any], path: str | Path) -> None:
-    """torch.save(obj) to `path` atomically."""
-    _replace_atomically(lambda tmp: torch.save(obj, tmp), Path(path))
+def save_state(state: dict[str, Any], path: str | Path) -> None:
+    """Write `state` (nested dicts / lists / tuples of tensors and JSON scalars) atomically."""
+    tensors: dict[str, torch.Tensor] = {}
+    header = json.dumps(_encode(state, tensors, ""))
+    meta = {"format": STATE_FORMAT, "version": STATE_VERSION, "state": header}
+    replace_atomically(lambda tmp: save_file(tensors, tmp, metadata=meta), path)
 
 
 def load_state(path: str | Path) -> dict[str, Any]:
-    """A training state written by `save_atomic` (our own files: full unpickling)."""
-    return torch.load(path, map_location="cpu", weights_only=False)
+    """The state `save_state` wrote (tensors on the CPU); ValueError for any other file."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no training checkpoint at {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != STATE_FORMAT or "state" not in meta:
+                raise ValueError("no diffusion_ext training state in it")
+            if meta.get("version") != STATE_VERSION:
+                raise ValueError(f"format version {meta.get('version')}, not {STATE_VERSION}")
+            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
+        state = _decode(json.loads(meta["state"]), tensors)
+    except Exception as err:  # safetensors, json and a malformed tree raise several types
+        raise ValueError(
+            f"cannot read training checkpoint {path} (safetensors + JSON from this version of "
+            f"diffusion_ext.train; pickles are never loaded): {err}"
+        ) from None
+    if not isinstance(state, dict):
+        raise ValueError(f"cannot read training checkpoint {path}: its state is not a mapping")
+    return state
+
+
+def _encode(obj: Any, tensors: dict[str, torch.Tensor], key: str) -> Any:
+    """`obj` as JSON data; its tensors move into `tensors` under their path `key`."""
+    if isinstance(obj, torch.Tensor):
+        # A copy: safetensors refuses tensors that share memory (and needs them on the CPU).
+        tensors[key] = obj.detach().to("cpu", copy=True).contiguous()
+        return {"__tensor__": key}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_encode(v, tensors, f"{key}/{i}") for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [_encode(v, tensors, f"{key}/{i}") for i, v in enumerate(obj)]
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) for k in obj) and not any(t in obj for t in TAGS):
+            return {k: _encode(v, tensors, f"{key}/{k}") for k, v in obj.items()}
+        if not all(isinstance(k, (str, int)) for k in obj):
+            raise TypeError(f"checkpoint dict keys must be str or int, at {key or '/'}")
+        return {"__items__": [[k, _encode(v, tensors, f"{key}/{k}")] for k, v in obj.items()]}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot store a {type(obj).__name__} in a checkpoint, at {key or '/'}")
+
+
+def _decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, list):
+        return [_decode(v, tensors) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    if "__tensor__" in obj:
+        return tensors[obj["__tensor__"]]
+    if "__tuple__" in obj:
+        return tuple(_decode(v, tensors) for v in obj["__tuple__"])
+    if "__items__" in obj:
+        return {k: _decode(v, tensors) for k, v in obj["__items__"]}
+    return {k: _decode(v, tensors) for k, v in obj.items()}
 
 
 def export_ema(
@@ -59,24 +143,51 @@ def export_ema(
     tensors = {k: v.detach().to(dtype).contiguous() for k, v in ema.state_dict().items()}
     meta = {"dit_config": json.dumps(dataclasses.asdict(config)), "process": process}
     meta.update(extra or {})
-    _replace_atomically(lambda tmp: save_file(tensors, tmp, metadata=meta), Path(path))
+    replace_atomically(lambda tmp: save_file(tensors, tmp, metadata=meta), path)
+
+
+def read_header(path: str | Path) -> tuple[dict[str, str], dict[str, tuple[int, ...]]]:
+    """(metadata, tensor shapes) of a safetensors file, reading only its header; ValueError if
+    `path` is not one."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+            return dict(f.metadata() or {}), shapes
+    except Exception as err:  # SafetensorError (a plain Exception), OSError, ...
+        raise ValueError(f"{path} is not a safetensors file: {err}") from None
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        return dict(f.metadata() or {})
+    return read_header(path)[0]
 
 
 def load_dit(path: str | Path) -> tuple[DiT, str]:
-    """(DiT in eval mode with fp32 weights, process name) from an `export_ema` file."""
+    """(DiT in eval mode with fp32 weights, process name) from an `export_ema` file.
+
+    FileNotFoundError if there is no file; ValueError for anything that is not an intact export.
+    """
     if not Path(path).is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    meta = read_metadata(path)
+    meta, shapes = read_header(path)
     if "dit_config" not in meta or "process" not in meta:
         raise ValueError(f"{path} is not a diffusion_ext EMA export (metadata missing)")
-    model = DiT(DiTConfig(**json.loads(meta["dit_config"])))
-    state = {k: v.float() for k, v in load_file(str(path)).items()}
+    if meta["process"] not in PROCESSES:
+        raise ValueError(f"{path}: unknown process {meta['process']!r} in its metadata")
+    try:
+        config = DiTConfig(**json.loads(meta["dit_config"]))
+    except (ValueError, TypeError) as err:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{path}: bad dit_config in its metadata: {err}") from None
+    if config.depth > len(shapes):  # each block holds several tensors; bounds the loop below
+        raise ValueError(f"{path}: dit_config says depth {config.depth}, the file is too small")
+    with torch.device("meta"):  # shapes only: nothing is allocated
+        expected = {k: tuple(v.shape) for k, v in DiT(config).state_dict().items()}
+    if expected != shapes:
+        diff = sorted(set(expected.items()) ^ set(shapes.items()))[:3]
+        raise ValueError(f"{path}: tensors do not match its dit_config, e.g. {diff}")
+    model = DiT(config)
+    try:
+        state = {k: v.float() for k, v in load_file(str(path)).items()}
+    except Exception as err:  # the header was fine; the data behind it was not
+        raise ValueError(f"{path}: cannot read its tensors: {err}") from None
     model.load_state_dict(state)
     return model.eval(), meta["process"]

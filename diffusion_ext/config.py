@@ -3,17 +3,43 @@
 DiT sizes follow Peebles & Xie (2023), Table 1: S (384 wide, 12 deep, 6 heads), B (768, 12, 12),
 L (1024, 24, 16), XL (1152, 28, 16); the presets `DiT-{S,B,L,XL}/{2,4,8}` are for 32x32x4 latents
 (256x256 images through the SD VAE). `tiny-digits` is the 8x8x1 model trained in `train.py`.
+
+Every config checks its fields' types and ranges in `__post_init__` (`_check_fields`): numbers
+must be finite (a NaN guidance scale once sampled a blank grid), ints may stand in for floats,
+bools and strings must be what they say. The upper bounds (`MAX_*`) keep a typo from asking for
+a batch or a thread count that takes the machine down instead of giving an error.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import math
+from dataclasses import dataclass, fields, replace
 
 from attention.api import BACKENDS
 from attention.precision import PRECISION_PRESETS
 
 PROCESSES: tuple[str, ...] = ("vp-linear", "vp-cosine", "ve", "rf")
 SAMPLER_NAMES: tuple[str, ...] = ("ddpm", "ddim", "euler", "heun", "euler-maruyama", "rf-euler")
+MAX_THREADS = 256  # torch accepts 10**6 threads and then crashes the process at exit
+MAX_BATCH = 65_536  # training batch
+MAX_SAMPLE_STEPS = 10_000
+MAX_PER_CLASS = 1_000  # the sample grid is one batch of num_classes * per_class images
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed's range (scikit-learn's split: 2**32 - 1)
+
+
+def _check_fields(config: object) -> None:
+    """Each field has its default's type (an int may stand in for a float; it is stored as a
+    float) and every float is finite. Raises ValueError naming the field."""
+    for f in fields(config):  # type: ignore[arg-type]
+        value: object = getattr(config, f.name)
+        kind: type = type(f.default)
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+            object.__setattr__(config, f.name, value)  # frozen: set once, while validating
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ValueError(f"{f.name} must be {kind.__name__}, got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{f.name} must be a finite number, got {value}")
 
 
 @dataclass(frozen=True)
@@ -32,6 +58,7 @@ class DiTConfig:
     attn_backend: str = "sdpa"
 
     def __post_init__(self) -> None:
+        _check_fields(self)
         if self.image_size <= 0 or self.patch_size <= 0:
             raise ValueError(f"image_size and patch_size must be positive, got {self}")
         if self.image_size % self.patch_size != 0:
@@ -111,6 +138,7 @@ class TrainConfig:
     threads: int = 1  # intra-op threads; 1 is fastest for these tiny tensors on a shared CPU
 
     def __post_init__(self) -> None:
+        _check_fields(self)
         if self.model not in DIT_PRESETS:
             raise ValueError(
                 f"unknown DiT preset {self.model!r}; choose one of {', '.join(DIT_PRESETS)}"
@@ -125,12 +153,22 @@ class TrainConfig:
             )
         if self.steps < 1 or self.batch_size < 1 or self.checkpoint_every < 1:
             raise ValueError("steps, batch_size and checkpoint_every must be >= 1")
+        if self.batch_size > MAX_BATCH:
+            raise ValueError(f"batch_size must be <= {MAX_BATCH}, got {self.batch_size}")
         if not (self.lr > 0 and 0.0 <= self.ema_decay < 1.0 and 0.0 <= self.class_dropout < 1.0):
             raise ValueError("need lr > 0, 0 <= ema_decay < 1, 0 <= class_dropout < 1")
+        if self.weight_decay < 0 or self.grad_clip <= 0:
+            raise ValueError(
+                f"need weight_decay >= 0 and grad_clip > 0, got {self.weight_decay}, {self.grad_clip}"
+            )
         if not 0.0 < self.holdout_fraction < 1.0:
             raise ValueError(f"holdout_fraction must be in (0, 1), got {self.holdout_fraction}")
         if self.warmup_steps < 0 or self.ema_warmup_steps < 0 or self.threads < 0:
             raise ValueError("warmup_steps, ema_warmup_steps and threads must be >= 0")
+        if self.threads > MAX_THREADS:
+            raise ValueError(f"threads must be <= {MAX_THREADS}, got {self.threads}")
+        if not 0 <= self.seed < 2**32:  # the seed of scikit-learn's split too
+            raise ValueError(f"seed must be in [0, 2**32), got {self.seed}")
 
 
 TRAIN_PRESETS: dict[str, TrainConfig] = {
@@ -151,11 +189,17 @@ class SampleConfig:
     clip_denoised: bool = True
 
     def __post_init__(self) -> None:
+        _check_fields(self)
         if self.sampler not in SAMPLER_NAMES:
             raise ValueError(
                 f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLER_NAMES)}"
             )
-        if self.steps < 1 or self.per_class < 1:
-            raise ValueError("steps and per_class must be >= 1")
+        if not (1 <= self.steps <= MAX_SAMPLE_STEPS and 1 <= self.per_class <= MAX_PER_CLASS):
+            raise ValueError(
+                f"need 1 <= steps <= {MAX_SAMPLE_STEPS} and 1 <= per_class <= {MAX_PER_CLASS}, "
+                f"got steps={self.steps}, per_class={self.per_class}"
+            )
         if self.guidance_scale < 0:
             raise ValueError(f"guidance_scale must be >= 0, got {self.guidance_scale}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")

@@ -8,6 +8,10 @@ we report (a) the classifier's accuracy on them against the requested labels and
 distance (Heusel et al., 2017) between Gaussian fits of the classifier's penultimate features of the
 samples and of the held-out split. The floor is the same distance between the train and held-out
 splits: real data against real data, with the same estimator biases.
+
+Bad input is one line `python -m diffusion_ext.quality: error: ...` and exit code 2, checked
+before the classifier trains or anything samples: the flags, the DiT checkpoint, the classifier
+file (or, with `--train-classifier`, that its folder is writable).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,8 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffusion_ext.checkpoint import load_dit
-from diffusion_ext.config import SampleConfig
+from diffusion_ext import cli
+from diffusion_ext.checkpoint import load_dit, read_header, replace_atomically
+from diffusion_ext.config import MAX_THREADS, SampleConfig
 from diffusion_ext.data import DigitsSplit, load_digits_split
 from diffusion_ext.dit import DiT
 from diffusion_ext.sample import class_grid, generate
@@ -77,16 +82,25 @@ def train_classifier(split: DigitsSplit, seed: int = 0, epochs: int = 40) -> Dig
 def save_classifier(model: DigitClassifier, path: str | Path) -> None:
     from safetensors.torch import save_file
 
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
+    replace_atomically(lambda tmp: save_file(tensors, tmp), path)
 
 
 def load_classifier(path: str | Path) -> DigitClassifier:
+    """The classifier `save_classifier` wrote; ValueError for any other file."""
     from safetensors.torch import load_file
 
     if not Path(path).is_file():
         raise FileNotFoundError(f"no classifier at {path}")
     model = DigitClassifier()
-    model.load_state_dict(load_file(str(path)))
+    _, shapes = read_header(path)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if shapes != expected:
+        raise ValueError(f"{path} is not a digit classifier of this version (tensors differ)")
+    try:
+        model.load_state_dict(load_file(str(path)))
+    except Exception as err:  # the header was fine; the data behind it was not
+        raise ValueError(f"{path}: cannot read its tensors: {err}") from None
     return model.eval()
 
 
@@ -132,16 +146,30 @@ def guidance_sweep(
         config = SampleConfig(**{**base.__dict__, "guidance_scale": scale})
         with torch.no_grad():
             x = generate(model, process_name, y_N, config)
+        if not bool(torch.isfinite(x).all()):  # e.g. a huge finite scale overflows
+            raise ValueError(f"guidance scale {scale}: sampling produced non-finite values")
         fd = frechet_distance(features(classifier, x), held_out)
         rows.append({"guidance_scale": scale, "accuracy": accuracy(classifier, x, y_N), "fd": fd})
         logger.info("scale %.2f: accuracy %.4f, FD %.3f", scale, rows[-1]["accuracy"], fd)
     return rows
 
 
+def parse_scales(text: str) -> list[float]:
+    """'0,1,1.5' -> [0.0, 1.0, 1.5]; ValueError naming the bad item (each is checked by
+    `SampleConfig` too: finite, >= 0)."""
+    scales = []
+    for item in text.split(","):
+        try:
+            scales.append(float(item))
+        except ValueError:
+            raise ValueError(f"--scales: {item.strip()!r} is not a number (in {text!r})") from None
+        if not (math.isfinite(scales[-1]) and scales[-1] >= 0):
+            raise ValueError(f"--scales: guidance scales must be finite and >= 0, got {item!r}")
+    return scales
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m diffusion_ext.quality", description=__doc__.split("\n")[0]
-    )
+    parser = cli.Parser(prog="python -m diffusion_ext.quality", description=__doc__.split("\n")[0])
     parser.add_argument(
         "--checkpoint",
         type=Path,
@@ -164,34 +192,42 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    return cli.run(build_parser(), _main, argv)
+
+
+def _main(args: argparse.Namespace) -> int:
+    """Checks everything that can be checked first, then trains (optionally) and samples."""
+    scales = parse_scales(args.scales)
+    base = SampleConfig(
+        sampler=args.sampler, steps=args.steps, per_class=args.per_class, seed=args.seed
+    )
+    if not 1 <= args.threads <= MAX_THREADS:
+        raise cli.UserError(f"--threads must be in [1, {MAX_THREADS}], got {args.threads}")
+    if not 0 <= args.data_seed < 2**32:
+        raise cli.UserError(f"--data-seed must be in [0, 2**32), got {args.data_seed}")
+    if args.train_classifier:
+        cli.check_out_file(args.classifier, "--classifier", (".safetensors",))
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
-    try:
-        scales = [float(s) for s in args.scales.split(",")]
-        base = SampleConfig(
-            sampler=args.sampler, steps=args.steps, per_class=args.per_class, seed=args.seed
-        )
-        split = load_digits_split(args.data_seed)
-        if args.train_classifier:
-            save_classifier(train_classifier(split, args.seed), args.classifier)
+    model, process_name = load_dit(args.checkpoint)
+    if not args.train_classifier:
         classifier = load_classifier(args.classifier)
-        model, process_name = load_dit(args.checkpoint)
-        held_out_acc = accuracy(classifier, split.x_test_NCHW, split.y_test_N)
-        floor = frechet_distance(
-            features(classifier, split.x_train_NCHW), features(classifier, split.x_test_NCHW)
-        )
-        rows = guidance_sweep(model, process_name, classifier, split, scales, base)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    split = load_digits_split(args.data_seed)
+    if args.train_classifier:
+        save_classifier(train_classifier(split, args.seed), args.classifier)
+        classifier = load_classifier(args.classifier)
+    held_out_acc = accuracy(classifier, split.x_test_NCHW, split.y_test_N)
+    floor = frechet_distance(
+        features(classifier, split.x_train_NCHW), features(classifier, split.x_test_NCHW)
+    )
+    rows = guidance_sweep(model, process_name, classifier, split, scales, base)
     print(
         f"classifier held-out accuracy {held_out_acc:.4f}; FD floor (train vs held-out) {floor:.3f}"
     )
     print(f"{'scale':>6} {'accuracy':>9} {'FD':>8} {'FD/floor':>9}")
     for r in rows:
         print(
-            f"{r['guidance_scale']:6.2f} {r['accuracy']:9.4f} {r['fd']:8.3f} {r['fd'] / floor:9.2f}"
+            f"{r['guidance_scale']:6.4g} {r['accuracy']:9.4f} {r['fd']:8.3f} {r['fd'] / floor:9.2f}"
         )
     summary = {
         "classifier_held_out_accuracy": held_out_acc,

@@ -1,6 +1,11 @@
 """Sample a trained DiT into a PNG grid (one row per class): `python -m diffusion_ext.sample`.
 
 Shape legend: B batch, C channels, H/W image size, R rows (classes), K columns (samples per class).
+
+Bad input (flags, checkpoint, output path) is one line `python -m diffusion_ext.sample: error: ...`
+and exit code 2, checked before sampling where it can be. Without `--out` the grid goes to
+`$XDG_CACHE_HOME/diffusion_ext/samples.png` (`~/.cache/...`), never under the current directory;
+the PNG is written atomically.
 """
 
 from __future__ import annotations
@@ -9,7 +14,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,14 +21,16 @@ import numpy as np
 import torch
 
 from attention.precision import PRECISION_PRESETS, PrecisionPolicy
-from diffusion_ext.checkpoint import load_dit
-from diffusion_ext.config import SampleConfig
+from diffusion_ext import cli
+from diffusion_ext.checkpoint import load_dit, replace_atomically
+from diffusion_ext.config import MAX_THREADS, SampleConfig
 from diffusion_ext.dit import DiT
 from diffusion_ext.guidance import clip_denoised, model_denoiser
 from diffusion_ext.samplers import sample
 from diffusion_ext.schedules import get_process
 
 DEFAULT_CHECKPOINT = Path(__file__).parent / "assets" / "dit_digits_ema.safetensors"
+OUT_SUFFIXES = (".png",)
 
 
 def generate(
@@ -62,7 +68,8 @@ def class_grid(num_classes: int, per_class: int) -> torch.Tensor:
 
 
 def save_grid(x_BCHW: torch.Tensor, rows: int, path: str | Path, upscale: int = 4) -> None:
-    """Write a grayscale PNG grid with `rows` rows (ink dark on white), 1-pixel gutters."""
+    """Write a grayscale PNG grid with `rows` rows (ink dark on white), 1-pixel gutters,
+    atomically (a temporary file renamed over `path`)."""
     import matplotlib.image
 
     b, c, h, w = x_BCHW.shape
@@ -77,16 +84,23 @@ def save_grid(x_BCHW: torch.Tensor, rows: int, path: str | Path, upscale: int = 
             i
         ]
     canvas = np.kron(canvas, np.ones((upscale, upscale), dtype=np.float32))
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    matplotlib.image.imsave(str(path), canvas, cmap="gray_r", vmin=0.0, vmax=1.0)
+    replace_atomically(
+        lambda tmp: matplotlib.image.imsave(
+            tmp, canvas, cmap="gray_r", vmin=0.0, vmax=1.0, format="png"
+        ),
+        path,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m diffusion_ext.sample", description=__doc__.split("\n")[0]
-    )
+    parser = cli.Parser(prog="python -m diffusion_ext.sample", description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
-    parser.add_argument("--out", type=Path, default=Path("runs/samples.png"))
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="a .png file; default: $XDG_CACHE_HOME/diffusion_ext/samples.png (~/.cache if unset)",
+    )
     parser.add_argument("--precision", default="fp32", choices=sorted(PRECISION_PRESETS))
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     defaults = SampleConfig()
@@ -101,25 +115,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def config_from_args(args: argparse.Namespace) -> SampleConfig:
+    """The `SampleConfig` of parsed flags (ValueError for a bad value, e.g. a NaN scale)."""
+    return SampleConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SampleConfig)})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    return cli.run(build_parser(), _main, argv)
+
+
+def _main(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    if not 1 <= args.threads <= MAX_THREADS:
+        raise cli.UserError(f"--threads must be in [1, {MAX_THREADS}], got {args.threads}")
+    out = args.out or cli.cache_dir() / "samples.png"
+    cli.check_out_file(out, "--out", OUT_SUFFIXES)  # before the model loads and samples
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    torch.set_num_threads(max(1, args.threads))
-    try:
-        config = SampleConfig(
-            **{f.name: getattr(args, f.name) for f in dataclasses.fields(SampleConfig)}
+    torch.set_num_threads(args.threads)
+    model, process_name = load_dit(args.checkpoint)
+    policy = PRECISION_PRESETS[args.precision]
+    model = model.to(policy.param_torch_dtype)
+    y_B = class_grid(model.config.num_classes, config.per_class)
+    with torch.no_grad():
+        x = generate(model, process_name, y_B, config, policy)
+    if not bool(torch.isfinite(x).all()):  # e.g. a huge finite guidance scale overflows
+        raise cli.UserError(
+            f"sampling produced non-finite values (guidance_scale {config.guidance_scale}, "
+            f"{config.sampler}, {config.steps} steps); nothing written"
         )
-        model, process_name = load_dit(args.checkpoint)
-        policy = PRECISION_PRESETS[args.precision]
-        model = model.to(policy.param_torch_dtype)
-        y_B = class_grid(model.config.num_classes, config.per_class)
-        with torch.no_grad():
-            x = generate(model, process_name, y_B, config, policy)
-        save_grid(x, model.config.num_classes, args.out)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(json.dumps({"out": str(args.out), **dataclasses.asdict(config)}))
+    save_grid(x, model.config.num_classes, out)
+    print(json.dumps({"out": str(out), **dataclasses.asdict(config)}))
     return 0
 
 

@@ -15,7 +15,7 @@ from diffusion_ext.config import TRAIN_PRESETS, SampleConfig, TrainConfig
 from diffusion_ext.data import load_digits_split
 from diffusion_ext.quality import DEFAULT_CLASSIFIER, accuracy, load_classifier
 from diffusion_ext.sample import DEFAULT_CHECKPOINT, class_grid, generate
-from diffusion_ext.train import ema_decay_at, lr_at, train
+from diffusion_ext.train import STATE_FILE, ema_decay_at, lr_at, train
 
 SMOKE = dataclasses.replace(
     TRAIN_PRESETS["digits-smoke"], steps=8, checkpoint_every=4, ema_warmup_steps=2
@@ -35,7 +35,7 @@ def test_training_steps_checkpoint_and_export(tmp_path: Path, precision: str) ->
     config = dataclasses.replace(SMOKE, precision=precision)
     summary = train(config, tmp_path, progress=False)
     assert summary["steps"] == 8 and torch.isfinite(torch.tensor(summary["final_loss_ema"]))
-    state = load_state(tmp_path / "state.pt")
+    state = load_state(tmp_path / STATE_FILE)
     assert state["step"] == 8 and not list(tmp_path.glob(".*.tmp"))  # no stray temporary files
     if precision == "fp16":
         assert state["scaler"]["scale"] > 1.0
@@ -52,14 +52,19 @@ def test_resume_continues_bit_for_bit(tmp_path: Path) -> None:
     straight, split = tmp_path / "straight", tmp_path / "split"
     train(SMOKE, straight, progress=False)
     train(SMOKE, split, progress=False, stop_after=4)  # "preempted" after its step-4 checkpoint
-    assert load_state(split / "state.pt")["step"] == 4
+    assert load_state(split / STATE_FILE)["step"] == 4
     assert not (split / "ema.safetensors").exists()
     train(SMOKE, split, resume=True, progress=False)
-    a, b = load_state(straight / "state.pt"), load_state(split / "state.pt")
+    a, b = load_state(straight / STATE_FILE), load_state(split / STATE_FILE)
     assert b["step"] == 8
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
         assert torch.equal(a["ema"][key], b["ema"][key]), key
+    assert torch.equal(a["generator"], b["generator"])
+    assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]  # tuples survive JSON
+    for i, moments in a["optimizer"]["state"].items():
+        for name, value in moments.items():
+            assert torch.equal(value, b["optimizer"]["state"][i][name]), (i, name)
     with pytest.raises(ValueError, match="different training config"):
         train(dataclasses.replace(SMOKE, lr=0.5), split, resume=True, progress=False)
 
@@ -78,7 +83,8 @@ def test_clis_reject_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert train_cli.main(["--resume", "--out-dir", str(tmp_path / "none"), "--no-progress"]) == 2
     assert sample_cli.main(["--sampler", "plms", "--out", str(tmp_path / "x.png")]) == 2
     assert "unknown sampler 'plms'" in capsys.readouterr().err
-    assert sample_cli.main(["--checkpoint", str(tmp_path / "missing.safetensors")]) == 2
+    missing = str(tmp_path / "missing.safetensors")
+    assert sample_cli.main(["--checkpoint", missing, "--out", str(tmp_path / "x.png")]) == 2
     with pytest.raises(ValueError, match="unknown process"):
         TrainConfig(process="edm")
 
