@@ -14,7 +14,8 @@
 #      the greedy answers (50 prompts) are held out for top-1/top-5 and to fit the per-depth
 #      confidence temperatures (their prompts' sampled and reference answers are left out of
 #      training);
-#      checkpoints every 200 steps (re-running this script resumes from runs/smollm2-heads/);
+#      checkpoints every 200 steps, and one on Ctrl-C / SIGTERM (re-running this script resumes
+#      from runs/smollm2-heads/ when a checkpoint is there, else starts over);
 #   4. output: medusa_engine/assets/heads/smollm2-135m-instruct/{config.json,heads.safetensors,
 #      metrics.json}; `medusa-engine chat` / `generate` (default model) then pick the heads up.
 #
@@ -23,6 +24,8 @@
 # Usage:   scripts/train_heads_smollm2.sh [extra train-heads flags]
 #          SMOKE=1 scripts/train_heads_smollm2.sh       # 8 prompts, 3 steps, into runs/ (pipeline check)
 #          LAUNCH="accelerate launch -m" scripts/train_heads_smollm2.sh   # on GPUs (DDP)
+#          OUT=runs/x/heads CHECKPOINT=runs/x/train_state.safetensors scripts/train_heads_smollm2.sh
+#                                       # elsewhere (resumes when CHECKPOINT is there)
 # History (2026-11-26, 2-core CPU): Medusa heads (1 residual block + linear map, shared LM head),
 #   3 epochs on the greedy answers only: held-out top-1 0.297 / 0.156 / 0.105 / 0.101, τ 1.48,
 #   1.11x on 8 MT-Bench prompts. Recurrent heads replaced them; see the heads' README.md.
@@ -37,26 +40,30 @@ LAUNCH=${LAUNCH:-"$PY -m"}
 DATA=data/train/alpaca_data_cleaned_1000.json
 
 if [[ "${SMOKE:-0}" == "1" ]]; then
-  OUT=runs/smollm2-smoke/heads
+  OUT=${OUT:-runs/smollm2-smoke/heads}
+  CHECKPOINT=${CHECKPOINT:-runs/smollm2-smoke/train_state.safetensors}
   RUN=(--max-examples 8 --distill-max-new-tokens 32 --distill-batch-size 4
        --distill-cache runs/smollm2-smoke/self_distill
-       --checkpoint runs/smollm2-smoke/train_state.safetensors
        --eval-fraction 0.25 --batch-size 64 --steps 3 --max-length 256 --with-reference-answers)
 else
-  OUT=medusa_engine/assets/heads/smollm2-135m-instruct
+  OUT=${OUT:-medusa_engine/assets/heads/smollm2-135m-instruct}
+  CHECKPOINT=${CHECKPOINT:-runs/smollm2-heads/train_state.safetensors}
   # The self-distilled answers are committed (data/train/PROVENANCE.md): nothing to regenerate.
   RUN=(--distill-max-new-tokens 256 --distill-batch-size 32
        --distill-cache data/train/self_distill/smollm2-135m-instruct-alpaca_data_cleaned_1000
-       --checkpoint runs/smollm2-heads/train_state.safetensors --checkpoint-every 200
+       --checkpoint-every 200
        --batch-size 256 --epochs 2 --max-length 512 --with-reference-answers)
 fi
+# --resume needs its checkpoint; --overwrite: this script replaces the heads in $OUT.
+RESUME=()
+if [[ -f "$CHECKPOINT" ]]; then RESUME=(--resume); fi
 
 # shellcheck disable=SC2086
 $LAUNCH medusa_engine.training.cli \
   --model smollm2-135m-instruct --dtype bf16 \
   --data "$DATA" --self-distill --distill-temperature 0 \
   --extra-distill-temperature 0.7 --extra-distill-temperature 0.7 \
-  --out "$OUT" --resume \
+  --out "$OUT" --overwrite --checkpoint "$CHECKPOINT" ${RESUME[@]+"${RESUME[@]}"} \
   --kind recurrent --num-heads 4 --ffn-size 2048 --draft-vocab 16384 --feature-weight 1.0 \
   --decay 0.8 --lr 1e-3 --warmup-steps 100 --precision fp32 --seed 0 --save-dtype bf16 \
   "${RUN[@]}" "$@"

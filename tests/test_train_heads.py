@@ -139,6 +139,9 @@ def test_resume_reaches_the_uninterrupted_weights_bit_for_bit(stories260k, examp
     resumed = medusa.train(stories260k, examples, c, checkpoint_path=ckpt, resume=True)
     assert resumed.step == 6 and len(resumed.losses) == 3
     assert full.losses[3:] == resumed.losses
+    # The whole run's history came along in the checkpoint (metrics.json reports it).
+    assert resumed.run_losses == full.losses == full.run_losses and resumed.resumed_from == [3]
+    assert full.resumed_from == [] and resumed.run_wall_s > resumed.wall_s > 0
     for (name, a), b in zip(full.heads.state_dict().items(), resumed.heads.state_dict().values()):
         assert torch.equal(a, b), name
     with pytest.raises(TrainError, match="other settings"):
@@ -311,5 +314,7 @@ def test_cli_writes_loadable_heads_and_metrics(stories_file, tmp_path, capsys, m
     assert heads.num_heads == 2 and heads.config.shared_lm_head
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 2 and len(metrics["heads"]) == 2
+    assert metrics["resumed_from"] == [] and metrics["eval_examples"] > 0
+    assert [step for step, _ in metrics["loss_curve"]] == [1, 2]
     assert metrics["command"].startswith("medusa_engine/training/cli.py --model stories260k")
     assert (tmp_path / "heads" / "train_state.safetensors").is_file()

@@ -177,9 +177,11 @@ def _done_indices(cache: Path) -> set[int]:
     return done
 
 
-def _check_meta(
-    cache: Path, model_name: str, prompts: Sequence[Sequence[int]], config: DistillConfig
-) -> None:
+def settings(
+    model_name: str, prompts: Sequence[Sequence[int]], config: DistillConfig
+) -> dict[str, Any]:
+    """What a cache's answers depend on (its `meta.json`): the model, the prompts (a digest) and
+    the generation settings; not the batch size (greedy answers do not depend on it)."""
     digest = hashlib.sha256(json.dumps([list(p) for p in prompts]).encode()).hexdigest()
     meta = {
         "model": model_name,
@@ -187,7 +189,20 @@ def _check_meta(
         "prompts_sha256": digest,
         **asdict(config),
     }
-    meta.pop("batch_size")  # batching does not change greedy answers' meaning; allow changing it
+    meta.pop("batch_size")
+    return meta
+
+
+def settings_key(model_name: str, prompts: Sequence[Sequence[int]], config: DistillConfig) -> str:
+    """A short digest of `settings`: names a default cache that no other settings share."""
+    text = json.dumps(settings(model_name, prompts, config), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _check_meta(
+    cache: Path, model_name: str, prompts: Sequence[Sequence[int]], config: DistillConfig
+) -> None:
+    meta = settings(model_name, prompts, config)
     file = cache / "meta.json"
     cache.mkdir(parents=True, exist_ok=True)
     if file.is_file():

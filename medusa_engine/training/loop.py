@@ -1,6 +1,6 @@
 """The one training loop of every heads kind: AdamW with a warm-up + cosine schedule, mixed
 precision with loss scaling (`attention.precision`), gradient clipping, `accelerate`, progress
-callbacks, atomic checkpoints and bit-exact resume.
+callbacks, atomic checkpoints, bit-exact resume, and a checkpoint on SIGINT / SIGTERM.
 
 Shape legend (ARCHITECTURE.md): J = draft heads / depths.
 
@@ -16,8 +16,11 @@ from __future__ import annotations
 import logging
 import math
 import random
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -34,7 +37,7 @@ from medusa_engine.training.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from medusa_engine.training.config import TrainConfig, TrainError, TrainResult
+from medusa_engine.training.config import TrainConfig, TrainError, TrainInterrupted, TrainResult
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +73,8 @@ def lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
 
 
 class _State:
-    """Everything a checkpoint holds besides the step: heads, optimizer, schedule, loss scale."""
+    """Everything a checkpoint holds besides the step: heads, optimizer, schedule, loss scale,
+    and the run's history so far (losses, training time, resumes: what metrics.json reports)."""
 
     def __init__(self, heads: AnyHeads, cfg: TrainConfig, total: int) -> None:
         self.heads, self.cfg = heads, cfg
@@ -80,9 +84,15 @@ class _State:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         self.scaler = DynamicLossScaler(enabled=get_policy(cfg.precision).loss_scaling)
 
-    def save(self, acc: Any, path: Path, step: int) -> None:
+    def save(self, acc: Any, path: Path, step: int, result: TrainResult) -> None:
         acc.wait_for_everyone()
         if acc.is_main_process:
+            history = {
+                "losses": torch.tensor(result.run_losses, dtype=torch.float64),
+                "losses_from": result.run_losses_from,
+                "wall_s": result.run_wall_s,
+                "resumed_from": list(result.resumed_from),
+            }
             state = {
                 "heads": self.heads.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
@@ -91,11 +101,15 @@ class _State:
                 "rng": rng_state(),
                 "step": step,
                 "config": asdict(self.cfg),
+                "history": history,
             }
             save_checkpoint(path, state)
 
-    def load(self, path: Path) -> int:
-        """Restore the state saved at `path` (written with this config); returns its step."""
+    def load(self, path: Path, result: TrainResult) -> int:
+        """Restore the state saved at `path` (written with this config) and the run's history
+        into `result`; returns its step."""
+        if not path.is_file():
+            raise TrainError(f"cannot resume: no checkpoint at {path}")
         state = load_checkpoint(path)
         if not isinstance(state.get("config"), dict):
             raise TrainError(f"checkpoint {path} holds no training config; it cannot be resumed")
@@ -108,7 +122,17 @@ class _State:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
-        return int(state["step"])
+        step = int(state["step"])
+        history = state.get("history")
+        if isinstance(history, dict):
+            result.run_losses = history["losses"].tolist()
+            result.run_losses_from = int(history["losses_from"])
+            result.run_wall_s = float(history["wall_s"])
+            result.resumed_from = [int(s) for s in history["resumed_from"]]
+        else:  # written before checkpoints kept the history: it starts here
+            result.run_losses_from = step
+        result.resumed_from.append(step)
+        return step
 
     def update(self, acc: Any, loss: torch.Tensor) -> None:
         """Backward through the scaled loss, clip, step (unless inf/nan) and zero the grads."""
@@ -128,6 +152,45 @@ class _State:
             self.scheduler.step()
 
 
+@contextmanager
+def deferred_signals(enabled: bool = True) -> Iterator[list[int]]:
+    """While open, SIGINT and SIGTERM are appended to the yielded list instead of stopping the
+    process in the middle of a step (half an optimizer update is no state to save): the loop
+    finishes the step, saves a checkpoint and raises `TrainInterrupted`. A second SIGINT
+    interrupts at once. Handlers go in only in the main thread (the only one Python runs them
+    in); a signal set to be ignored stays ignored; the previous handlers come back on exit."""
+    received: list[int] = []
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT and signal.SIGINT in received:
+            raise KeyboardInterrupt
+        received.append(signum)
+        name = signal.Signals(signum).name
+        log.warning("%s: saving a checkpoint after this step, then stopping", name)
+
+    previous: dict[signal.Signals, Any] = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(sig) not in (signal.SIG_IGN, None):
+            previous[sig] = signal.signal(sig, handler)
+    try:
+        yield received
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _stop_signal(acc: Any, received: list[int]) -> int:
+    """The signal that stops training after this step (0: none), the same on every process, so
+    all of them save and leave after the same step."""
+    signum = received[0] if received else 0
+    if acc.num_processes > 1:
+        signum = int(acc.gather(torch.tensor([signum], device=acc.device)).max())
+    return signum
+
+
 def optimize(
     heads: AnyHeads,
     module: nn.Module,
@@ -144,35 +207,49 @@ def optimize(
 
     `batch_loss(rows, wrapped_module)` -> (loss, hits_J, counts_J) for the items `rows` (indices
     into the training items: this process's share of the global batch). With `resume`, starts
-    from `checkpoint_path` when it exists (it must hold this config). A checkpoint is written every
+    from `checkpoint_path` (it must exist and hold this config). A checkpoint is written every
     `cfg.checkpoint_every` steps and at the end; `on_step(step, loss, top1_per_head)` runs after
-    each step, after that step's checkpoint.
+    each step, after that step's checkpoint. With a `checkpoint_path`, SIGINT / SIGTERM end the
+    run after the step in progress with a checkpoint of it (`TrainInterrupted`).
     """
     global_batch = cfg.batch_size * acc.num_processes
     per_epoch = num_items // global_batch
     if per_epoch == 0:
         raise TrainError(f"{num_items} {items} are fewer than one batch of {global_batch}")
     total = cfg.steps or cfg.epochs * per_epoch
-    state, step = _State(heads, cfg, total), 0
-    if resume and checkpoint_path is not None and checkpoint_path.is_file():
-        step = state.load(checkpoint_path)
+    state, step, result = _State(heads, cfg, total), 0, TrainResult(heads)
+    if resume:
+        if checkpoint_path is None:
+            raise TrainError("cannot resume without a checkpoint path")
+        step = state.load(checkpoint_path, result)
         log.info("resumed from %s at step %d", checkpoint_path, step)
     module, state.optimizer = acc.prepare(module, state.optimizer)
-    policy, result, start = get_policy(cfg.precision), TrainResult(heads), time.perf_counter()
+    policy, start, run_wall_s = get_policy(cfg.precision), time.perf_counter(), result.run_wall_s
     epoch, order = -1, []
-    while step < total:
-        if step // per_epoch != epoch:
-            epoch = step // per_epoch
-            order = batch_order(num_items, global_batch, epoch, cfg.seed)
-        rows = order[step % per_epoch][acc.process_index :: acc.num_processes]
-        with autocast(policy, acc.device):
-            loss, hits_J, counts_J = batch_loss(rows, module)
-        state.update(acc, loss)
-        step += 1
-        result.losses.append(float(loss.detach()))
-        if checkpoint_path is not None and (step % cfg.checkpoint_every == 0 or step == total):
-            state.save(acc, checkpoint_path, step)
-        if on_step is not None:
-            on_step(step, result.losses[-1], (hits_J.float() / counts_J.clamp(min=1)).tolist())
+    with deferred_signals(checkpoint_path is not None) as received:
+        while step < total:
+            if step // per_epoch != epoch:
+                epoch = step // per_epoch
+                order = batch_order(num_items, global_batch, epoch, cfg.seed)
+            rows = order[step % per_epoch][acc.process_index :: acc.num_processes]
+            with autocast(policy, acc.device):
+                loss, hits_J, counts_J = batch_loss(rows, module)
+            state.update(acc, loss)
+            step += 1
+            result.losses.append(float(loss.detach()))
+            result.run_losses.append(result.losses[-1])
+            result.run_wall_s = run_wall_s + time.perf_counter() - start
+            saved = step % cfg.checkpoint_every == 0 or step == total
+            if checkpoint_path is not None and saved:
+                state.save(acc, checkpoint_path, step, result)
+            if on_step is not None:
+                on_step(step, result.losses[-1], (hits_J.float() / counts_J.clamp(min=1)).tolist())
+            signum = _stop_signal(acc, received) if checkpoint_path is not None else 0
+            if signum:
+                assert checkpoint_path is not None
+                if not saved:
+                    state.save(acc, checkpoint_path, step, result)
+                raise TrainInterrupted(signum, step, checkpoint_path)
     result.step, result.wall_s = step, time.perf_counter() - start
+    result.run_wall_s = run_wall_s + result.wall_s
     return result

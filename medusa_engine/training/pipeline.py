@@ -4,13 +4,18 @@ heads kind -> held-out accuracy (+ confidence temperatures) -> heads folder + me
 Progress bars and the printed report live here, at the command's edge. `metrics.json` records
 the command, the data and the model with paths relative to the repository root when they lie
 inside it (the model by its alias when it was given one), so a committed file reads the same
-whatever machine trained it.
+whatever machine trained it. It describes the whole run, however many times it was resumed:
+steps, training time, loss curve and the steps it was resumed from (the history travels in the
+checkpoint).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
+import statistics
 import sys
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -25,6 +30,7 @@ from medusa_engine.atomic import atomic_write
 from medusa_engine.heads import MedusaHeads
 from medusa_engine.heads_io import save_heads
 from medusa_engine.hf_adapter import HFModel, quiet_transformers
+from medusa_engine.models import cache_dir
 from medusa_engine.recurrent_heads import RecurrentHeads
 from medusa_engine.training import features as feats
 from medusa_engine.training import medusa, recurrent
@@ -38,10 +44,42 @@ from medusa_engine.training.data import (
     record_kind,
     split_eval,
 )
-from medusa_engine.training.distill import DistillConfig, self_distill
+from medusa_engine.training.distill import DistillConfig, self_distill, settings_key
 from medusa_engine.training.loop import OnStep
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository root (site-packages if installed)
+CURVE_POINTS = 50  # metrics.json's loss curve: windows of steps, at most this many
+
+
+class Progress:
+    """A tqdm bar that appears at its first update, so that an error before any progress stays
+    the only line on stderr."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        self.kwargs = kwargs
+        self.bar: Any = None
+
+    def get(self) -> Any:
+        if self.bar is None:
+            self.bar = tqdm(**self.kwargs)
+        return self.bar
+
+    def update(self, n: int) -> None:
+        self.get().update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def quiet_datasets() -> None:
+    """Silence `datasets`' progress bars and INFO logs (for the CLI, like `quiet_transformers`):
+    one "Generating train split" bar per data file and one per self-distillation shard is noise,
+    and would come before a one-line error."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
 
 
 def portable(value: str) -> str:
@@ -65,15 +103,16 @@ def _distilled(model: Any, records: Any, args: Any, acc: Any, extra: int = -1) -
         prompts = [list(tok(r["text"])["input_ids"])[: args.prompt_tokens] for r in records]
     else:
         prompts = [prompt_ids(tok, prompt_messages(r, kind)) for r in records]
-    cache = (
-        args.distill_cache or f"runs/self_distill/{Path(model.name).name}-{Path(args.data).stem}"
-    )
     temperature, seed = args.distill_temperature, args.seed
     if extra >= 0:
         temperature, seed = args.extra_distill_temperature[extra], args.seed + extra + 1
-        cache = f"{cache}-t{temperature:g}-s{seed}"
     cfg = DistillConfig(args.distill_max_new_tokens, temperature, args.distill_batch_size, seed)
-    bar = tqdm(total=len(prompts), desc="self-distill", disable=not acc.is_main_process)
+    if args.distill_cache:  # as given; an extra pass beside it
+        cache = args.distill_cache + (f"-t{temperature:g}-s{seed}" if extra >= 0 else "")
+    else:  # the user cache, one folder per model, prompts and settings (never the cwd)
+        name = f"{Path(model.name).name}-{Path(args.data).stem}-"
+        cache = str(cache_dir() / "self_distill" / (name + settings_key(model.name, prompts, cfg)))
+    bar = Progress(total=len(prompts), desc="self-distill", disable=not acc.is_main_process)
     if acc.is_main_process:  # one process generates; the others then read its cache
         data, stats = self_distill(model, prompts, cache, cfg, progress=bar.update)
         if stats.new_tokens:
@@ -93,8 +132,6 @@ def _reference_examples(
 ) -> list[Example]:
     """The records' own answers (prompts of held-out examples excluded), for `--kind recurrent`:
     its targets are the base model's choices, so any answer text is valid training context."""
-    if cfg.kind != "recurrent" or not args.self_distill:
-        raise TrainError("--with-reference-answers needs --kind recurrent and --self-distill")
     if record_kind(records.column_names) == "text":
         raise TrainError("--with-reference-answers needs instruction records (they have answers)")
     held_out = {e.record for e in eval_ex}
@@ -106,9 +143,8 @@ def build_examples(
     model: Any, records: Any, args: Any, cfg: TrainConfig, acc: Any
 ) -> tuple[list[Example], list[Example]]:
     """(train, held-out) examples: the records' (or the base model's) answers, then the extra
-    sampled passes and the reference answers, none from a held-out prompt."""
-    if args.extra_distill_temperature and not args.self_distill:
-        raise TrainError("--extra-distill-temperature needs --self-distill")
+    sampled passes and the reference answers, none from a held-out prompt (the flags'
+    combinations are checked in `cli.check_flags`)."""
     answers = _distilled(model, records, args, acc) if args.self_distill else records
     train_ex, eval_ex = split_eval(
         encode_dataset(model.tokenizer, answers, cfg.max_length), args.eval_fraction
@@ -139,7 +175,7 @@ def _train_recurrent(
     key = feats.features_key(model.name, every)
     features = feats.load_features(path, key)
     if features is None:
-        bar = tqdm(total=len(every), desc="features", disable=not acc.is_main_process)
+        bar = Progress(total=len(every), desc="features", disable=not acc.is_main_process)
         with torch.no_grad(), autocast(get_policy(cfg.precision), model.device):
             features = feats.compute_features(model, every, cfg.num_heads, 8, bar.update)
         bar.close()
@@ -156,6 +192,19 @@ def _train_recurrent(
     return result, {**metrics, "calibration": calibration}
 
 
+def loss_curve(losses: list[float], first_step: int = 0) -> list[list[float]]:
+    """[step, mean loss] over consecutive windows of steps, at most `CURVE_POINTS` of them:
+    the loss curve of a run of any length in a metrics.json a person can read."""
+    every = max(1, math.ceil(len(losses) / CURVE_POINTS))
+    return [
+        [
+            first_step + min(i + every, len(losses)),
+            round(statistics.fmean(losses[i : i + every]), 4),
+        ]
+        for i in range(0, len(losses), every)
+    ]
+
+
 def _summary(
     model: Any,
     args: Any,
@@ -164,22 +213,33 @@ def _summary(
     result: TrainResult,
     metrics: dict[str, Any],
 ) -> dict[str, Any]:
-    """metrics.json: what was trained on, how it went, the held-out metrics, the config."""
-    losses = result.losses
+    """metrics.json: what was trained on, how it went over the whole run (every resumed part),
+    the held-out metrics, the config."""
+    losses, first = result.run_losses, result.run_losses_from
+    history = {"losses_from_step": first} if first else {}  # a checkpoint without the history
     return {
         "model": portable(model.name),
         "data": portable(args.data),
         "train_examples": sizes[0],
         "eval_examples": sizes[1],
         "steps": result.step,
-        "wall_s": round(result.wall_s, 1),
+        "wall_s": round(result.run_wall_s, 1),
+        "resumed_from": result.resumed_from,
         "loss_first": losses[0] if losses else None,
         "loss_last": losses[-1] if losses else None,
         "loss_last10_mean": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
+        **history,
+        "loss_curve": loss_curve(losses, first),
         **metrics,
         "config": asdict(cfg),
         "command": " ".join(portable(a) for a in sys.argv),
     }
+
+
+def metrics_text(summary: dict[str, Any]) -> str:
+    """`summary` as indented JSON, each [step, loss] pair of the loss curve on one line."""
+    text = json.dumps(summary, indent=2)
+    return re.sub(r"\[\s+([^\s,\[\]]+),\s+([^\s,\[\]]+)\s+\]", r"[\1, \2]", text) + "\n"
 
 
 def _report(summary: dict[str, Any]) -> None:
@@ -196,11 +256,13 @@ def _report(summary: dict[str, Any]) -> None:
             f"{c['top1']:.3f}  mean top-1 probability {c['confidence']:.3f} -> "
             f"{c['calibrated_confidence']:.3f}"
         )
-    print(json.dumps({k: v for k, v in summary.items() if k not in ("config", "command")}))
+    skip = ("config", "command", "loss_curve")
+    print(json.dumps({k: v for k, v in summary.items() if k not in skip}))
 
 
 def train_heads(args: Any, cfg: TrainConfig, out: Path, checkpoint: Path) -> int:
     """The whole command once `cli.run` has parsed the flags and checked `out`."""
+    quiet_datasets()
     records = load_records(args.data, args.split)
     if args.max_examples > 0:
         records = records.select(range(min(args.max_examples, len(records))))
@@ -208,27 +270,31 @@ def train_heads(args: Any, cfg: TrainConfig, out: Path, checkpoint: Path) -> int
     quiet_transformers()
     model = HFModel.load(args.model, dtype=args.dtype, device=args.device or acc.device)
     train_ex, eval_ex = build_examples(model, records, args, cfg, acc)
-    bar = tqdm(desc="train-heads", disable=not acc.is_main_process, dynamic_ncols=True)
+    total = cfg.steps or None
+    bar = Progress(
+        total=total, desc="train-heads", disable=not acc.is_main_process, dynamic_ncols=True
+    )
 
     def on_step(step: int, loss: float, top1: list[float]) -> None:
-        bar.total = bar.total or (cfg.steps or None)
-        bar.update(step - bar.n)
-        bar.set_postfix(loss=f"{loss:.3f}", top1="/".join(f"{a:.2f}" for a in top1))
+        bar.update(step - bar.get().n)
+        bar.get().set_postfix(loss=f"{loss:.3f}", top1="/".join(f"{a:.2f}" for a in top1))
 
-    if cfg.kind == "recurrent":
-        result, metrics = _train_recurrent(
-            model, train_ex, eval_ex, cfg, checkpoint, args, acc, on_step
-        )
-    else:
-        result = medusa.train(model, train_ex, cfg, checkpoint, args.resume, acc, on_step)
-        heads = cast(MedusaHeads, result.heads)
-        metrics = medusa.evaluate(model, heads, eval_ex, cfg.batch_size, cfg.precision)
-    bar.close()
+    try:
+        if cfg.kind == "recurrent":
+            result, metrics = _train_recurrent(
+                model, train_ex, eval_ex, cfg, checkpoint, args, acc, on_step
+            )
+        else:
+            result = medusa.train(model, train_ex, cfg, checkpoint, args.resume, acc, on_step)
+            heads = cast(MedusaHeads, result.heads)
+            metrics = medusa.evaluate(model, heads, eval_ex, cfg.batch_size, cfg.precision)
+    finally:
+        bar.close()
     if not acc.is_main_process:
         return 0
     summary = _summary(model, args, cfg, (len(train_ex), len(eval_ex)), result, metrics)
     save_heads(result.heads, out, {"bf16": torch.bfloat16, "fp32": None}[args.save_dtype])
-    text = json.dumps(summary, indent=2) + "\n"
+    text = metrics_text(summary)
     atomic_write(out / "metrics.json", lambda p: p.write_text(text))
     _report(summary)
     return 0
