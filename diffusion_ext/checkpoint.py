@@ -8,8 +8,8 @@
   so a resumed run is bit-exact. Loading parses a JSON header and raw tensor bytes: a crafted file
   cannot run code. Pickles are never loaded: `torch.load(weights_only=True)` would refuse them
   too, but torch < 2.6 (which pyproject.toml allows) had a code-execution hole in exactly that
-  path (CVE-2025-32434). Same layout as `medusa_engine/training/checkpoint.py`, written again here
-  because the library packages do not import each other.
+  path (CVE-2025-32434). The encoding is `attention.state_codec`, shared with
+  `medusa_engine/training/checkpoint.py`.
 * `export_ema` / `load_dit`: EMA weights only, as safetensors, with the DiT config and process
   name in the metadata; `dtype` (fp32 by default, bf16/fp16 to halve the size) is the storage type.
   `load_dit` checks the config against the file's tensor shapes on the meta device before it
@@ -34,12 +34,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from attention.state_codec import decode_state, encode_state
 from diffusion_ext.config import PROCESSES, DiTConfig
 from diffusion_ext.dit import DiT
 
 STATE_FORMAT = "diffusion_ext-train-state"
 STATE_VERSION = "1"
-TAGS = ("__tensor__", "__tuple__", "__items__")  # JSON objects with one of these keys are encoded
 
 
 def replace_atomically(write: Callable[[str], object], path: str | Path) -> None:
@@ -68,7 +68,7 @@ def replace_atomically(write: Callable[[str], object], path: str | Path) -> None
 def save_state(state: dict[str, Any], path: str | Path) -> None:
     """Write `state` (nested dicts / lists / tuples of tensors and JSON scalars) atomically."""
     tensors: dict[str, torch.Tensor] = {}
-    header = json.dumps(_encode(state, tensors, ""))
+    header = json.dumps(encode_state(state, tensors, ""))
     meta = {"format": STATE_FORMAT, "version": STATE_VERSION, "state": header}
     replace_atomically(lambda tmp: save_file(tensors, tmp, metadata=meta), path)
 
@@ -85,7 +85,7 @@ def load_state(path: str | Path) -> dict[str, Any]:
             if meta.get("version") != STATE_VERSION:
                 raise ValueError(f"format version {meta.get('version')}, not {STATE_VERSION}")
             tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
-        state = _decode(json.loads(meta["state"]), tensors)
+        state = decode_state(json.loads(meta["state"]), tensors)
     except Exception as err:  # safetensors, json and a malformed tree raise several types
         raise ValueError(
             f"cannot read training checkpoint {path} (safetensors + JSON from this version of "
@@ -94,41 +94,6 @@ def load_state(path: str | Path) -> dict[str, Any]:
     if not isinstance(state, dict):
         raise ValueError(f"cannot read training checkpoint {path}: its state is not a mapping")
     return state
-
-
-def _encode(obj: Any, tensors: dict[str, torch.Tensor], key: str) -> Any:
-    """`obj` as JSON data; its tensors move into `tensors` under their path `key`."""
-    if isinstance(obj, torch.Tensor):
-        # A copy: safetensors refuses tensors that share memory (and needs them on the CPU).
-        tensors[key] = obj.detach().to("cpu", copy=True).contiguous()
-        return {"__tensor__": key}
-    if isinstance(obj, tuple):
-        return {"__tuple__": [_encode(v, tensors, f"{key}/{i}") for i, v in enumerate(obj)]}
-    if isinstance(obj, list):
-        return [_encode(v, tensors, f"{key}/{i}") for i, v in enumerate(obj)]
-    if isinstance(obj, dict):
-        if all(isinstance(k, str) for k in obj) and not any(t in obj for t in TAGS):
-            return {k: _encode(v, tensors, f"{key}/{k}") for k, v in obj.items()}
-        if not all(isinstance(k, (str, int)) for k in obj):
-            raise TypeError(f"checkpoint dict keys must be str or int, at {key or '/'}")
-        return {"__items__": [[k, _encode(v, tensors, f"{key}/{k}")] for k, v in obj.items()]}
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
-    raise TypeError(f"cannot store a {type(obj).__name__} in a checkpoint, at {key or '/'}")
-
-
-def _decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
-    if isinstance(obj, list):
-        return [_decode(v, tensors) for v in obj]
-    if not isinstance(obj, dict):
-        return obj
-    if "__tensor__" in obj:
-        return tensors[obj["__tensor__"]]
-    if "__tuple__" in obj:
-        return tuple(_decode(v, tensors) for v in obj["__tuple__"])
-    if "__items__" in obj:
-        return {k: _decode(v, tensors) for k, v in obj["__items__"]}
-    return {k: _decode(v, tensors) for k, v in obj.items()}
 
 
 def export_ema(

@@ -7,9 +7,8 @@ replaced by `{"__tensor__": key}`. Reading one parses a JSON header and raw tens
 crafted file cannot run code: anything else, a pickle included (older versions wrote
 `torch.save` pickles), is refused with a `TrainError`.
 
-JSON keeps what the state needs exactly: floats round-trip bit for bit (`repr`), tuples and
-dicts with integer keys (the optimizer's per-parameter state) are tagged so they come back as
-they were. Writes go to a temp file that is then renamed (`atomic_write`): a write killed midway
+The JSON encoding (exact floats, tagged tuples and integer-keyed dicts) is
+`attention.state_codec`, shared with the DiT training checkpoints. Writes go to a temp file that is then renamed (`atomic_write`): a write killed midway
 leaves the previous checkpoint intact.
 """
 
@@ -24,18 +23,18 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from attention.state_codec import decode_state, encode_state
 from medusa_engine.atomic import atomic_write
 from medusa_engine.training.config import TrainError
 
 FORMAT = "medusa-engine-train-state"
 VERSION = "1"
-TAGS = ("__tensor__", "__tuple__", "__items__")  # JSON objects with one of these keys are encoded
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """Write `state` (nested dicts / lists / tuples of tensors and JSON scalars) atomically."""
     tensors: dict[str, torch.Tensor] = {}
-    header = json.dumps(_encode(state, tensors, ""))
+    header = json.dumps(encode_state(state, tensors, ""))
     metadata = {"format": FORMAT, "version": VERSION, "state": header}
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda p: save_file(tensors, str(p), metadata=metadata))
@@ -52,7 +51,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
                 raise ValueError(f"format version {metadata.get('version')}, not {VERSION}")
             names = f.keys()  # a safetensors file handle is not iterable itself
             tensors = {name: f.get_tensor(name) for name in names}
-        state = _decode(json.loads(metadata["state"]), tensors)
+        state = decode_state(json.loads(metadata["state"]), tensors)
     except Exception as err:  # safetensors and json raise several types for a foreign file
         raise TrainError(
             f"cannot read checkpoint {path}: not a train-heads checkpoint of this version "
@@ -76,38 +75,3 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _encode(obj: Any, tensors: dict[str, torch.Tensor], key: str) -> Any:
-    """`obj` as JSON data; its tensors move into `tensors` under their path `key`."""
-    if isinstance(obj, torch.Tensor):
-        # A copy: safetensors refuses tensors that share memory (and needs them on the CPU).
-        tensors[key] = obj.detach().to("cpu", copy=True).contiguous()
-        return {"__tensor__": key}
-    if isinstance(obj, tuple):
-        return {"__tuple__": [_encode(v, tensors, f"{key}/{i}") for i, v in enumerate(obj)]}
-    if isinstance(obj, list):
-        return [_encode(v, tensors, f"{key}/{i}") for i, v in enumerate(obj)]
-    if isinstance(obj, dict):
-        if all(isinstance(k, str) for k in obj) and not any(t in obj for t in TAGS):
-            return {k: _encode(v, tensors, f"{key}/{k}") for k, v in obj.items()}
-        if not all(isinstance(k, (str, int)) for k in obj):
-            raise TypeError(f"checkpoint dict keys must be str or int, at {key or '/'}")
-        return {"__items__": [[k, _encode(v, tensors, f"{key}/{k}")] for k, v in obj.items()]}
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
-    raise TypeError(f"cannot store a {type(obj).__name__} in a checkpoint, at {key or '/'}")
-
-
-def _decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
-    if isinstance(obj, list):
-        return [_decode(v, tensors) for v in obj]
-    if not isinstance(obj, dict):
-        return obj
-    if "__tensor__" in obj:
-        return tensors[obj["__tensor__"]]
-    if "__tuple__" in obj:
-        return tuple(_decode(v, tensors) for v in obj["__tuple__"])
-    if "__items__" in obj:
-        return {k: _decode(v, tensors) for k, v in obj["__items__"]}
-    return {k: _decode(v, tensors) for k, v in obj.items()}
