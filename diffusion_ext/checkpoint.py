@@ -8,7 +8,7 @@
   so a resumed run is bit-exact. Loading parses a JSON header and raw tensor bytes: a crafted file
   cannot run code. Pickles are never loaded: `torch.load(weights_only=True)` would refuse them
   too, but torch < 2.6 (which pyproject.toml allows) had a code-execution hole in exactly that
-  path (CVE-2025-32434). The encoding is `attention.state_codec`, shared with
+  path (CVE-2025-32434). The encoding is `attention.state_files`, shared with
   `medusa_engine/training/checkpoint.py`.
 * `export_ema` / `load_dit`: EMA weights only, as safetensors, with the DiT config and process
   name in the metadata; `dtype` (fp32 by default, bf16/fp16 to halve the size) is the storage type.
@@ -23,9 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from attention.state_codec import decode_state, encode_state
+from attention.state_files import atomic_write, pack_state, read_state
 from diffusion_ext.config import PROCESSES, DiTConfig
 from diffusion_ext.dit import DiT
 
@@ -42,35 +39,10 @@ STATE_FORMAT = "diffusion_ext-train-state"
 STATE_VERSION = "1"
 
 
-def replace_atomically(write: Callable[[str], object], path: str | Path) -> None:
-    """Call `write(tmp)` on a temporary file beside `path`, fsync it, rename it over `path`.
-
-    The temporary file gets the permissions a plain `open(path, "w")` would (0666 less the umask),
-    not mkstemp's 0600. On any error it is removed and `path` is left as it was.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def save_state(state: dict[str, Any], path: str | Path) -> None:
     """Write `state` (nested dicts / lists / tuples of tensors and JSON scalars) atomically."""
-    tensors: dict[str, torch.Tensor] = {}
-    header = json.dumps(encode_state(state, tensors, ""))
-    meta = {"format": STATE_FORMAT, "version": STATE_VERSION, "state": header}
-    replace_atomically(lambda tmp: save_file(tensors, tmp, metadata=meta), path)
+    tensors, meta = pack_state(state, STATE_FORMAT, STATE_VERSION)
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
 def load_state(path: str | Path) -> dict[str, Any]:
@@ -78,22 +50,12 @@ def load_state(path: str | Path) -> dict[str, Any]:
     if not Path(path).is_file():
         raise FileNotFoundError(f"no training checkpoint at {path}")
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != STATE_FORMAT or "state" not in meta:
-                raise ValueError("no diffusion_ext training state in it")
-            if meta.get("version") != STATE_VERSION:
-                raise ValueError(f"format version {meta.get('version')}, not {STATE_VERSION}")
-            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
-        state = decode_state(json.loads(meta["state"]), tensors)
-    except Exception as err:  # safetensors, json and a malformed tree raise several types
+        return read_state(path, STATE_FORMAT, STATE_VERSION)
+    except ValueError as err:
         raise ValueError(
             f"cannot read training checkpoint {path} (safetensors + JSON from this version of "
             f"diffusion_ext.train; pickles are never loaded): {err}"
         ) from None
-    if not isinstance(state, dict):
-        raise ValueError(f"cannot read training checkpoint {path}: its state is not a mapping")
-    return state
 
 
 def export_ema(
@@ -108,7 +70,7 @@ def export_ema(
     tensors = {k: v.detach().to(dtype).contiguous() for k, v in ema.state_dict().items()}
     meta = {"dit_config": json.dumps(dataclasses.asdict(config)), "process": process}
     meta.update(extra or {})
-    replace_atomically(lambda tmp: save_file(tensors, tmp, metadata=meta), path)
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
 def read_header(path: str | Path) -> tuple[dict[str, str], dict[str, tuple[int, ...]]]:

@@ -28,8 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from attention.state_files import atomic_write
 from diffusion_ext import cli
-from diffusion_ext.checkpoint import load_dit, read_header, replace_atomically
+from diffusion_ext.checkpoint import load_dit, read_header
 from diffusion_ext.config import MAX_THREADS, SampleConfig
 from diffusion_ext.data import DigitsSplit, load_digits_split
 from diffusion_ext.dit import DiT
@@ -83,7 +84,7 @@ def save_classifier(model: DigitClassifier, path: str | Path) -> None:
     from safetensors.torch import save_file
 
     tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
-    replace_atomically(lambda tmp: save_file(tensors, tmp), path)
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
 
 
 def load_classifier(path: str | Path) -> DigitClassifier:

@@ -21,8 +21,9 @@ import numpy as np
 import torch
 
 from attention.precision import PRECISION_PRESETS, PrecisionPolicy
+from attention.state_files import atomic_write
 from diffusion_ext import cli
-from diffusion_ext.checkpoint import load_dit, replace_atomically
+from diffusion_ext.checkpoint import load_dit
 from diffusion_ext.config import MAX_THREADS, SampleConfig
 from diffusion_ext.dit import DiT
 from diffusion_ext.guidance import clip_denoised, model_denoiser
@@ -84,11 +85,11 @@ def save_grid(x_BCHW: torch.Tensor, rows: int, path: str | Path, upscale: int = 
             i
         ]
     canvas = np.kron(canvas, np.ones((upscale, upscale), dtype=np.float32))
-    replace_atomically(
+    atomic_write(
+        path,
         lambda tmp: matplotlib.image.imsave(
             tmp, canvas, cmap="gray_r", vmin=0.0, vmax=1.0, format="png"
         ),
-        path,
     )
 
 

@@ -36,8 +36,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from attention.precision import DynamicLossScaler, autocast, get_policy
+from attention.state_files import atomic_write
 from diffusion_ext import cli
-from diffusion_ext.checkpoint import export_ema, load_state, replace_atomically, save_state
+from diffusion_ext.checkpoint import export_ema, load_state, save_state
 from diffusion_ext.config import DIT_PRESETS, TRAIN_PRESETS, TrainConfig
 from diffusion_ext.data import DigitsSplit, load_digits_split
 from diffusion_ext.dit import DiT
@@ -226,7 +227,7 @@ def train(
         return summary
     export_ema(run.ema, DIT_PRESETS[config.model], config.process, out_dir / "ema.safetensors")
     text = json.dumps({"config": dataclasses.asdict(config), **summary}, indent=2) + "\n"
-    replace_atomically(lambda tmp: Path(tmp).write_text(text), out_dir / "train_summary.json")
+    atomic_write(out_dir / "train_summary.json", lambda tmp: tmp.write_text(text))
     logger.info("trained %d steps in %.1f s; loss %.4f", run.step, run.elapsed_s, loss_avg)
     return summary
 

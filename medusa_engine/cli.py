@@ -10,6 +10,7 @@ import argparse
 import io
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
@@ -211,8 +212,6 @@ def _check_writable_file(path: Path, flag: str) -> None:
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise CLIError(f"{flag} {path}: no such folder {folder}")
-    import os
-
     if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise CLIError(f"{flag} {path} is not writable")
 

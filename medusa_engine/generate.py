@@ -35,6 +35,7 @@ from medusa_engine.model import CausalLM, DecodeState, Session
 from medusa_engine.sampling import choose_token
 from medusa_engine.static_step import StaticStep
 from medusa_engine.tree import TreeBuffers, build_tree
+from medusa_engine.tree_spec import parse_tree
 
 Tree = TreeBuffers | DynamicTree
 
@@ -92,10 +93,8 @@ class MedusaGenerator:
         self.model = model
         self.drafter = drafter
         self.sampling = sampling or SamplingConfig()
-        if static and (lookup or not self.sampling.greedy or isinstance(tree, DynamicTree)):
-            raise ValueError(
-                "static steps need greedy decoding, a static tree and no lookup branch"
-            )
+        if static and (lookup or not self.sampling.greedy):
+            raise ValueError("static steps need greedy decoding and no lookup branch")
         self.static = static
         self._static_step: StaticStep | None = None
         self.lookup = lookup
@@ -108,17 +107,11 @@ class MedusaGenerator:
             self.generator.manual_seed(self.sampling.seed)
 
     def set_tree(self, tree: Tree) -> None:
-        """Verify `tree` (resolved for this drafter: `tree_spec.parse_tree`) from the next step."""
-        if isinstance(tree, DynamicTree):
-            if self.static:
-                raise ValueError("static steps need a static tree, not a dynamic one")
-            if self.drafter is None or tree.depth < 1:
-                raise ValueError("a dynamic tree needs a drafter (resolve it with parse_tree)")
-        elif tree.num_nodes > 1 and (
-            self.drafter is None or tree.num_heads > self.drafter.num_heads
-        ):
-            depths = 0 if self.drafter is None else self.drafter.num_heads
-            raise ValueError(f"tree is {tree.num_heads} deep but the drafter drafts {depths}")
+        """Verify `tree` from the next step; it is checked against the drafter as
+        `tree_spec.parse_tree` checks every tree (a no-op for a tree it resolved)."""
+        if self.static and isinstance(tree, DynamicTree):
+            raise ValueError("static steps need a static tree, not a dynamic one")
+        tree = parse_tree(tree, self.drafter)
         self.tree = tree.to(self.model.device) if isinstance(tree, TreeBuffers) else tree
 
     # ---- requests ---------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from medusa_engine.atomic import atomic_write
+from attention.state_files import atomic_write
 from medusa_engine.config import HeadsConfig, HeadsError
 from medusa_engine.heads import MedusaHeads
 from medusa_engine.recurrent_heads import RecurrentHeads

@@ -39,13 +39,11 @@ def parse_tree(value: TreeSpec, drafter: Drafter | None) -> Tree:
 
 
 def _resolve(tree: Tree, drafter: Drafter | None) -> Tree:
-    if drafter is not None and tree.num_nodes > 1:
-        vocab = getattr(drafter, "draft_vocab_size", None)
-        if vocab is not None and tree.top_k > vocab:
-            raise InvalidTreeError(
-                f"the tree asks for the top {tree.top_k} drafts of a node; the heads score "
-                f"{vocab} tokens"
-            )
+    if drafter is not None and tree.num_nodes > 1 and tree.top_k > drafter.draft_vocab_size:
+        raise InvalidTreeError(
+            f"the tree asks for the top {tree.top_k} drafts of a node; the heads score "
+            f"{drafter.draft_vocab_size} tokens"
+        )
     if isinstance(tree, DynamicTree):
         if drafter is None:
             raise InvalidTreeError("a dynamic tree needs heads")

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from medusa_engine.atomic import atomic_write
+from attention.state_files import atomic_write
 from medusa_engine.calibration import (
     Calibration,
     TreePath,

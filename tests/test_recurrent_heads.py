@@ -311,7 +311,11 @@ def test_bundled_default_model_heads_and_tree_load():
     tuned = json.loads((folder / "tree.json").read_text())  # a `tune-tree --out` file
     tree = build_tree([tuple(p) for p in tuned["paths"]], heads.num_heads)  # its best static tree
     assert 1 < tree.num_nodes <= 128
-    drafter = SimpleNamespace(num_heads=heads.num_heads, max_depth=2 * heads.num_heads)
+    drafter = SimpleNamespace(
+        num_heads=heads.num_heads,
+        max_depth=2 * heads.num_heads,
+        draft_vocab_size=heads.config.draft_vocab,
+    )
     resolved = parse_tree(str(folder / "tree.json"), drafter)  # what `--tree default` runs
     if tuned.get("dynamic_nodes"):
         assert isinstance(resolved, DynamicTree) and resolved.nodes == tuned["dynamic_nodes"]

@@ -23,7 +23,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from medusa_engine.atomic import atomic_write
+from attention.state_files import atomic_write
 from medusa_engine.cli import main
 from medusa_engine.training import checkpoint, medusa, pipeline
 from medusa_engine.training.config import TrainConfig, TrainInterrupted

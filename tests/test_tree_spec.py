@@ -12,7 +12,9 @@ from medusa_engine.dynamic_tree import DynamicTree
 from medusa_engine.tree import InvalidTreeError, TreeBuffers, build_tree, tree_from_name
 from medusa_engine.tree_spec import parse_tree
 
-HEADS = SimpleNamespace(num_heads=4, max_depth=8)  # what parse_tree reads of a drafter
+HEADS = SimpleNamespace(
+    num_heads=4, max_depth=8, draft_vocab_size=512
+)  # what parse_tree reads of a drafter
 
 
 def same(a: TreeBuffers, b: TreeBuffers) -> bool:

@@ -202,13 +202,14 @@ class HFModel:
             return self._decode(input_ids_T, position_ids_T, kwargs)
         self.reserve(session, len(session) + t)
         static = _kv(session).cache.static
-        plan = ForwardPlan(static, self.attention, block_mask_TT)
         if self.attention in ("flex", "triton") and block_mask_TT is not None and t > 1:
             kv_len_B = torch.full((1,), len(session) + t, dtype=torch.int32, device=self.device)
             mask = prepare_static(
                 self.attention, t, static.max_length, kv_len_B, tree_mask_QQ=block_mask_TT
             )
             plan = ForwardPlan(static, self.attention, static_mask=mask)
+        else:
+            plan = ForwardPlan(static, self.attention, block_mask_TT)
         return self._decode(input_ids_T, position_ids_T, kwargs | {"medusa_plan": plan})
 
     def _decode(

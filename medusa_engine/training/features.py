@@ -23,7 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from medusa_engine.atomic import atomic_write
+from attention.state_files import atomic_write
 from medusa_engine.training.data import Example
 
 

@@ -26,7 +26,7 @@ from accelerate import Accelerator
 from tqdm import tqdm
 
 from attention.precision import autocast, get_policy
-from medusa_engine.atomic import atomic_write
+from attention.state_files import atomic_write
 from medusa_engine.heads import MedusaHeads
 from medusa_engine.heads_io import save_heads
 from medusa_engine.hf_adapter import HFModel, quiet_transformers
