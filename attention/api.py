@@ -197,15 +197,20 @@ def prepare_static(
     """The mask of Q new tokens over a preallocated buffer whose first kv_len_B keys are valid.
 
     `tree_mask_QQ` structures the last Q x Q block (None: every query sees every valid key, as in
-    one-token decoding); `tree_bits_QW` may carry its packed bits, prepared once per tree, for
-    `triton`. Tensor arithmetic only: no host sync and no value checks (the tree was checked when
-    it was built), so a forward that calls this can be captured in a CUDA graph.
+    one-token decoding); a [B, Q, Q] mask gives each row its own (reference and sdpa only).
+    `tree_bits_QW` may carry its packed bits, prepared once per tree, for `triton`. Tensor
+    arithmetic only: no host sync and no value checks (the tree was checked when it was built),
+    so a forward that calls this can be captured in a CUDA graph.
     """
     _require_known(backend)
     if kv_len_B.dtype != torch.int32 or kv_len_B.ndim != 1:
         raise ValueError(f"kv_len_B must be int32 [B], got {kv_len_B.dtype} {kv_len_B.shape}")
-    if tree_mask_QQ is not None and tree_mask_QQ.shape != (q_len, q_len):
-        raise ValueError(f"tree mask must be [{q_len}, {q_len}], got {tuple(tree_mask_QQ.shape)}")
+    per_row = tree_mask_QQ is not None and tree_mask_QQ.ndim == 3
+    expected = (kv_len_B.shape[0], q_len, q_len) if per_row else (q_len, q_len)
+    if tree_mask_QQ is not None and tree_mask_QQ.shape != expected:
+        raise ValueError(f"tree mask must be {list(expected)}, got {list(tree_mask_QQ.shape)}")
+    if per_row and backend in ("triton", "flex"):
+        raise ValueError(f"per-row tree masks need the sdpa or reference backend, not {backend}")
     if backend == "triton":
         if tree_bits_QW is None and tree_mask_QQ is not None:
             tree_bits_QW = tree_bitmask_QW(tree_mask_QQ)

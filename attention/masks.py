@@ -127,7 +127,9 @@ def padded_mask_BQS(
 
     Row b's valid keys are [0, kv_len_B[b]); its Q new tokens are the last Q valid keys
     (bottom-right alignment inside the valid prefix); slots at or past kv_len_B[b] are masked.
-    Built from tensors only (no host sync), so kv_len_B may live on the device and change.
+    `block_QQ` structures the new tokens of every row alike; a [B, Q, Q] block gives each row its
+    own (a batch of different trees). Built from tensors only (no host sync), so kv_len_B may
+    live on the device and change.
     """
     if causal and block_QQ is not None:
         raise ValueError("give either causal=True or a block mask, not both")
@@ -141,6 +143,11 @@ def padded_mask_BQS(
         rel_BQS = (key_S - (kv_len_B11 - q_len)).expand(-1, q_len, -1)
         in_block_BQS = rel_BQS >= 0
         query_BQS = torch.arange(q_len, device=device).view(1, -1, 1).expand_as(rel_BQS)
-        bits_BQS = block_QQ.to(device)[query_BQS, rel_BQS.clamp(0, q_len - 1)]
+        col_BQS = rel_BQS.clamp(0, q_len - 1)
+        if block_QQ.ndim == 3:  # one block per row
+            row_BQS = torch.arange(block_QQ.shape[0], device=device).view(-1, 1, 1)
+            bits_BQS = block_QQ.to(device)[row_BQS.expand_as(rel_BQS), query_BQS, col_BQS]
+        else:
+            bits_BQS = block_QQ.to(device)[query_BQS, col_BQS]
         mask_BQS = mask_BQS & (~in_block_BQS | bits_BQS)
     return mask_BQS

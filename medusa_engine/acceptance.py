@@ -11,9 +11,11 @@ with the kept path's nodes and tokens, in one host transfer: the decode step's o
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from medusa_engine.config import SamplingConfig
 from medusa_engine.sampling import sampling_logp
@@ -212,7 +214,34 @@ def decide(
             candidates_PL.index_select(0, best_1)[0],
         ]
     ).tolist()
-    accepted, next_token, width = row[0], row[1], paths_PL.shape[1]
+    return _read_decision(row, paths_PL.shape[1])
+
+
+def decide_rows(
+    trees: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    samplings: Sequence[SamplingConfig],
+    generators: Sequence[torch.Generator | None],
+) -> list[Decision]:
+    """`decide` for a batch of rows, each (logits_NV, candidates_PL, paths_PL) with its own
+    sampling config and generator; all rows' kept paths are read in one host transfer."""
+    parts = []
+    width = max(paths_PL.shape[1] for _, _, paths_PL in trees)
+    for (logits_NV, candidates_PL, paths_PL), sampling, generator in zip(
+        trees, samplings, generators, strict=True
+    ):
+        decision_3 = accept(logits_NV, candidates_PL, paths_PL, sampling, generator)
+        best_1 = decision_3[0:1]
+        pad = width - paths_PL.shape[1]  # rows of narrower trees are padded to one width
+        path_L = F.pad(paths_PL.index_select(0, best_1)[0], (0, pad), value=-1)
+        tokens_L = F.pad(candidates_PL.index_select(0, best_1)[0], (0, pad), value=-1)
+        parts.append(torch.cat([decision_3[1:], path_L, tokens_L]))
+    rows = torch.stack(parts).tolist()
+    return [_read_decision(row, width) for row in rows]
+
+
+def _read_decision(row: list[int], width: int) -> Decision:
+    """[accepted, next_token, path (width), path tokens (width)] -> Decision."""
+    accepted, next_token = row[0], row[1]
     nodes = row[2 : 3 + accepted]
     tokens = row[2 + width : 3 + width + accepted]
     return Decision(nodes, tokens, next_token)

@@ -178,7 +178,7 @@ class MedusaGenerator:
         out = result.token_ids
         chunk = [state.root]
         while True:
-            chunk, reason = _truncate(chunk, out, max_new_tokens, eos)
+            chunk, reason = cut_at_finish(chunk, out, max_new_tokens, eos)
             out.extend(chunk)
             result.total_s = time.perf_counter() - start
             if chunk:
@@ -210,6 +210,7 @@ class MedusaGenerator:
         pos_T = torch.arange(common, len(prompt), device=device)
         hidden_TE = self.model.forward(ids_T, pos_T, session)
         session.commit(common, prompt[common:])
+        self._committed(session, common, None)
         root = choose_token(self.model.logits(hidden_TE[-1]), self.sampling, self.generator)
         return DecodeState(hidden_TE[-1], int(root))
 
@@ -217,32 +218,40 @@ class MedusaGenerator:
     def step(self, state: DecodeState, session: Session) -> tuple[DecodeState, list[int]]:
         """One verification step; returns the next state and the emitted tokens."""
         past = len(session)
-        near_end = self._near_end(past)
+        near_end = self.near_end(past)
         if self.static and not near_end:
             return self._static_for(session).run(state)
-        proposal = self.propose(state, session, near_end)
+        proposal = self.propose(state, session.token_ids, near_end)
         hidden_NE = self.verify(proposal, session, past)
         decision = self.accept(hidden_NE, proposal)
         session.commit(past, decision.tokens, decision.nodes)
+        self._committed(session, past, decision.nodes)
         return DecodeState(hidden_NE[decision.nodes[-1]], decision.next_token), decision.emitted
 
-    def propose(self, state: DecodeState, session: Session, near_end: bool = False) -> Proposal:
+    def _committed(self, session: Session, past: int, nodes: Sequence[int] | None) -> None:
+        """Tell a stateful drafter (EAGLE-3's draft cache) which rows of the forward stayed."""
+        on_commit = getattr(self.drafter, "on_commit", None)
+        if on_commit is not None:
+            on_commit(session.token_ids, past, nodes)
+
+    def propose(
+        self, state: DecodeState, token_ids: Sequence[int], near_end: bool = False
+    ) -> Proposal:
         """The step's tree and its tokens: the drafter's (plain near the context's end), plus
-        the lookup branch when the text has a match."""
+        the lookup branch when the text has a match. `token_ids`: the sequence so far (the
+        session's), without the root."""
         root_t = torch.tensor(state.root, device=self.model.device)
         tree = self.plain_tree if near_end or self.drafter is None else self.tree
         if isinstance(tree, DynamicTree):
             assert self.drafter is not None
-            tokens_N, tree = self.drafter.draft_dynamic(
-                state.hidden_E, root_t, tree, session.token_ids
-            )
+            tokens_N, tree = self.drafter.draft_dynamic(state.hidden_E, root_t, tree, token_ids)
         elif tree.num_nodes > 1:
             assert self.drafter is not None
-            tokens_N = self.drafter.draft(state.hidden_E, root_t, tree, session.token_ids)
+            tokens_N = self.drafter.draft(state.hidden_E, root_t, tree, token_ids)
         else:
             tokens_N = root_t.reshape(1)
         if self.lookup_branch is not None and not near_end:
-            guess = self.lookup_branch.guess([*session.token_ids, state.root])  # on the host
+            guess = self.lookup_branch.guess([*token_ids, state.root])  # on the host
             if guess:
                 tree = self.lookup_branch.tree(tree, len(guess))
                 guess_G = torch.tensor(guess, dtype=tokens_N.dtype, device=root_t.device)
@@ -255,18 +264,25 @@ class MedusaGenerator:
         mask_NN = tree.mask_NN if tree.num_nodes > 1 else None
         return self.model.forward(proposal.tokens_N, tree.depth_N + past, session, mask_NN)
 
-    def accept(self, hidden_NE: torch.Tensor, proposal: Proposal) -> Decision:
-        """The acceptance rule of the sampling config on the verified tree."""
+    def accept(
+        self,
+        hidden_NE: torch.Tensor,
+        proposal: Proposal,
+        sampling: SamplingConfig | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Decision:
+        """The acceptance rule on the verified tree: the engine's sampling config and generator,
+        or a request's own (batched decoding)."""
         tree = proposal.tree
         return decide(
             self.model.logits(hidden_NE),
             path_tokens(proposal.tokens_N, tree),
             tree.paths_PL,
-            self.sampling,
-            self.generator,
+            sampling or self.sampling,
+            generator or self.generator,
         )
 
-    def _near_end(self, past: int) -> bool:
+    def near_end(self, past: int) -> bool:
         """Near the end of the context the loop finishes one token at a time."""
         return past + max(self.tree.max_depth, self.lookup) + 1 > self.model.max_context
 
@@ -279,7 +295,7 @@ class MedusaGenerator:
         return step
 
 
-def _truncate(
+def cut_at_finish(
     chunk: list[int], out: list[int], max_new_tokens: int, eos: set[int]
 ) -> tuple[list[int], str | None]:
     """Cut `chunk` at the first EOS (kept) or at the token budget; give the finish reason."""

@@ -16,6 +16,7 @@ import torch
 
 from attention.api import StaticMask
 from attention.kv_cache import StaticKVCache
+from attention.row_kv_cache import RowKVCache
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,30 @@ class CausalLM(Protocol):
     ) -> torch.Tensor:
         """`forward` with device-side bookkeeping only (a CUDA graph's body): keys/values go
         to `slots_T` of the session's static cache; host lengths and ids are not touched."""
+        ...
+
+    # ---- batched decoding (`batch.py`, `scheduler.py`) ----
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes the keys and values of one token take in the cache."""
+        ...
+
+    def new_row_cache(self, rows: int, slots: int) -> RowKVCache:
+        """A cache of independent rows, one sequence each (`RowKVCache`)."""
+        ...
+
+    def forward_rows(
+        self,
+        input_ids_BT: torch.Tensor,
+        position_ids_BT: torch.Tensor,
+        cache: RowKVCache,
+        rows: range,
+        block_mask_TT: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """hidden_BTE of T new tokens in each of the cache rows `rows`, each appended after its
+        row's valid slots; `block_mask_TT` ([T, T] or per row [B, T, T]) structures them,
+        None is causal."""
         ...
 
     def logits(self, hidden_TE: torch.Tensor) -> torch.Tensor:

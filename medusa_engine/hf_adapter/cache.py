@@ -23,6 +23,7 @@ from transformers import Cache
 
 from attention.api import StaticMask, attention, attention_static
 from attention.kv_cache import StaticKVCache
+from attention.row_kv_cache import RowKVCache, RowWrite
 
 ATTN_NAME = "medusa_engine"  # our entry in transformers' AttentionInterface
 
@@ -31,17 +32,20 @@ ATTN_NAME = "medusa_engine"  # our entry in transformers' AttentionInterface
 class ForwardPlan:
     """How one forward uses the static cache (passed to every layer's attention call).
 
+    `rows` set: a batch of rows of a `RowKVCache` (`forward_rows`): write each row's new tokens
+    where it says, attend over its rows' first K slots masked by `static_mask` (per-row lengths).
     `slots_T` set: write the T new keys/values there, host lengths untouched (`forward_static`).
     `static_mask` set: attend over the whole buffer, masked by it (valid length on the device).
     Otherwise append and attend over the valid prefix with `backend`, `block_TT` structuring
     the new tokens (None: causal).
     """
 
-    cache: StaticKVCache
+    cache: StaticKVCache | None
     backend: str = "sdpa"
     block_TT: torch.Tensor | None = None
     static_mask: StaticMask | None = None
     slots_T: torch.Tensor | None = None
+    rows: RowWrite | None = None
 
 
 def engine_attention(
@@ -60,6 +64,12 @@ def engine_attention(
         raise ValueError("the engine's attention is for inference: dropout must be 0")
     plan: ForwardPlan = kwargs["medusa_plan"]
     layer = module.layer_idx
+    if plan.rows is not None:
+        assert plan.static_mask is not None
+        key_BGKD, value_BGKD = plan.rows.write(layer, key_BGTD, value_BGTD)
+        out_BHTD = attention_static(query_BHTD, key_BGKD, value_BGKD, plan.static_mask, scaling)
+        return out_BHTD.transpose(1, 2), None
+    assert plan.cache is not None
     if plan.slots_T is not None:
         key_BGKD, value_BGKD = plan.cache.write(layer, plan.slots_T, key_BGTD, value_BGTD)
     else:
@@ -84,6 +94,26 @@ def engine_attention(
     )
     assert isinstance(out, torch.Tensor)
     return out.transpose(1, 2), None
+
+
+class RowsCache(Cache):
+    """A transformers `Cache` over a `RowKVCache` (batched forwards); nothing to update here:
+    `engine_attention` writes, and position ids are always given, so no length is asked for."""
+
+    def __init__(self, rows: RowKVCache) -> None:
+        super().__init__(layers=[])
+        self.rows = rows
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return key_states, value_states
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0  # rows differ; transformers builds no mask for our attention function
+
+    def __len__(self) -> int:
+        return self.rows.num_layers
 
 
 class EngineCache(Cache):

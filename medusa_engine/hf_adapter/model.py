@@ -20,13 +20,15 @@ from transformers import AttentionInterface, DynamicCache
 
 from attention.api import StaticMask, check_backend, prepare_static
 from attention.kv_cache import StaticKVCache
-from attention.masks import additive_mask
+from attention.masks import additive_mask, causal_block
+from attention.row_kv_cache import RowKVCache
 from medusa_engine.config import ATTENTION_CHOICES
 from medusa_engine.hf_adapter.cache import (
     ATTN_NAME,
     EngineCache,
     ForwardPlan,
     KVSession,
+    RowsCache,
     engine_attention,
 )
 from medusa_engine.model import ContextOverflowError, Session
@@ -146,16 +148,43 @@ class HFModel:
             return KVSession(DynamicCache(config=self.config), self.device)
         return KVSession(EngineCache(self._allocate(capacity)), self.device)
 
-    def _allocate(self, slots: int) -> StaticKVCache:
+    def _kv_shape(self) -> tuple[int, int, int]:
+        """(layers, key/value heads, head dim) of the cache."""
         c = self.text_config
         heads = int(getattr(c, "num_key_value_heads", None) or c.num_attention_heads)
         head_dim = int(getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
+        return int(c.num_hidden_layers), heads, head_dim
+
+    def _allocate(self, slots: int) -> StaticKVCache:
+        layers, heads, head_dim = self._kv_shape()
         return StaticKVCache.allocate(
-            num_layers=int(c.num_hidden_layers),
+            num_layers=layers,
             batch=1,
             kv_heads=heads,
             head_dim=head_dim,
             max_length=max(slots, MIN_SLOTS),
+            dtype=self.dtype,
+            device=self.device,
+        )
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of keys and values one token takes in the cache."""
+        return RowKVCache.bytes_per_token(*self._kv_shape(), self.dtype)
+
+    def new_row_cache(self, rows: int, slots: int) -> RowKVCache:
+        """A cache of `rows` independent rows of `slots` slots each (for `forward_rows`)."""
+        if self.attention in ("hf", "flex", "triton"):
+            raise ValueError(
+                f"batched decoding runs on attention 'sdpa' or 'reference', not {self.attention!r}"
+            )
+        layers, heads, head_dim = self._kv_shape()
+        return RowKVCache.allocate(
+            num_layers=layers,
+            rows=rows,
+            kv_heads=heads,
+            head_dim=head_dim,
+            max_length=slots,
             dtype=self.dtype,
             device=self.device,
         )
@@ -219,6 +248,33 @@ class HFModel:
             input_ids=input_ids_T[None], position_ids=position_ids_T[None], use_cache=True, **kwargs
         )
         return out.last_hidden_state[0]
+
+    @torch.inference_mode()
+    def forward_rows(
+        self,
+        input_ids_BT: torch.Tensor,
+        position_ids_BT: torch.Tensor,
+        cache: RowKVCache,
+        rows: range,
+        block_mask_TT: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """hidden_BTE of T new tokens in each of the B cache rows `rows` (a contiguous range),
+        appended to each row after its own valid slots. `block_mask_TT` ([T, T], or [B, T, T]
+        for a different structure per row) structures each row's new tokens; None is causal."""
+        b, t = input_ids_BT.shape
+        if len(rows) != b:
+            raise ValueError(f"{b} rows of tokens for the {len(rows)} cache rows {rows}")
+        write = cache.begin(rows, t)
+        block = causal_block(t, self.device) if block_mask_TT is None else block_mask_TT
+        mask = prepare_static(self.attention, t, write.k_len, write.kv_len_B, tree_mask_QQ=block)
+        plan = ForwardPlan(None, self.attention, static_mask=mask, rows=write)
+        out = self.decoder(
+            input_ids=input_ids_BT,
+            position_ids=position_ids_BT,
+            use_cache=True,
+            **{self._cache_kw: RowsCache(cache), "medusa_plan": plan},
+        )
+        return out.last_hidden_state
 
     @torch.inference_mode()
     def forward_static(
