@@ -101,6 +101,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--threads", type=int, default=None, help="torch intra-op threads (default: torch's)"
     )
+    parser.add_argument(
+        "--concurrency",
+        default=None,
+        help="e.g. 1,2,4,8: continuous batching at each level against HF batched generate and "
+        "the batch-1 engine (eval/bench_concurrency.py) instead of --methods",
+    )
+    parser.add_argument(
+        "--arrival-rate", type=float, default=None, help="with --concurrency: Poisson req/s"
+    )
+    parser.add_argument(
+        "--batch-plans",
+        default=None,
+        help="with --concurrency: tree + lookup per batch size (tune-tree --batch-sizes); "
+        "default: the heads' batch_plans.json if they ship one",
+    )
 
 
 def register(subparsers: Any) -> None:
@@ -152,6 +167,12 @@ def _run(args: argparse.Namespace) -> int:
     prompts = load_prompts(args.prompts, args.limit)
     if not prompts:
         raise CLIError("no prompts to run (--limit 0?)")
+    if args.concurrency:
+        from eval import bench_concurrency
+
+        summary = bench_concurrency.run(args, prompts, progress)
+        bench_concurrency.write(summary, Path(args.out))
+        return 0
     config = engine_config(args)
     greedy_engine = load_engine(replace(config, sampling=SamplingConfig()), progress)
     try:
