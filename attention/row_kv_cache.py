@@ -157,28 +157,24 @@ class RowKVCache:
     def compact(self, rows: range, starts: Sequence[int], nodes: Sequence[Sequence[int]]) -> None:
         """Row rows[b] keeps nodes[b] of the tree it appended at starts[b]: slots starts[b] +
         nodes[b] (ascending, nodes[b][j] >= j) move to starts[b] + j, one gather and one scatter
-        for all rows; its length becomes starts[b] + len(nodes[b])."""
+        for all rows (of the slots that move); its length becomes starts[b] + len(nodes[b])."""
         if not (len(starts) == len(nodes) == len(rows)):
             raise ValueError(f"{len(rows)} rows, {len(starts)} starts, {len(nodes)} node lists")
         for r, start, kept in zip(rows, starts, nodes, strict=True):
             if not kept or start + kept[-1] >= self.lengths[r]:
                 raise ValueError(f"row {r}: nodes {list(kept)} are not within its appended slots")
-        if any(list(kept) != list(range(len(kept))) for kept in nodes):
-            n = max(len(kept) for kept in nodes)
-            src, dst = [], []
-            for s, kept in zip(starts, nodes, strict=True):
-                # Pad by repeating the row's last move (writing one value twice is harmless).
-                pad = n - len(kept)
-                src.append([s + i for i in kept] + [s + kept[-1]] * pad)
-                dst.append([s + j for j in range(len(kept))] + [s + len(kept) - 1] * pad)
-            device = self.keys.device
-            layers, _, g, _, d = self.keys.shape
-            shape = (layers, len(rows), g, n, d)
-            src_idx = torch.tensor(src, device=device).view(1, -1, 1, n, 1).expand(shape)
-            dst_idx = torch.tensor(dst, device=device).view(1, -1, 1, n, 1).expand(shape)
+        moves = [
+            (r, start + i, start + j)
+            for r, start, kept in zip(rows, starts, nodes, strict=True)
+            for j, i in enumerate(kept)
+            if i != j
+        ]
+        if moves:
+            # Advanced indices on dims 1 and 3 (rows, slots) read [M, layers, G, D] at once;
+            # the read copies first, so rows may move onto slots that others read.
+            row_M, src_M, dst_M = torch.tensor(moves, device=self.keys.device).unbind(1)
             for buf in (self.keys, self.values):
-                view = buf[:, rows.start : rows.stop]
-                view.scatter_(3, dst_idx, view.gather(3, src_idx))  # gather copies first
+                buf[:, row_M, :, dst_M] = buf[:, row_M, :, src_M]
         for r, start, kept in zip(rows, starts, nodes, strict=True):
             self.lengths[r] = start + len(kept)
 

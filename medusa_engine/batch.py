@@ -34,6 +34,7 @@ from medusa_engine.config import SamplingConfig
 from medusa_engine.generate import MedusaGenerator, Proposal
 from medusa_engine.model import DecodeState
 from medusa_engine.sampling import choose_token
+from medusa_engine.tree import TreeBuffers
 
 
 @dataclass
@@ -76,12 +77,9 @@ class BatchDecoder:
     def step(self, rows: range, states: Sequence[RowState]) -> list[list[int]]:
         """One verification step of cache rows `rows` (contiguous, each prefilled); returns the
         tokens each row emits (its accepted candidates, then the bonus token)."""
-        engine, model = self.engine, self.model
+        model = self.model
         starts = [len(rs.token_ids) for rs in states]
-        proposals = []
-        for rs, past in zip(states, starts, strict=True):
-            assert rs.state is not None, "a row steps only once it is prefilled"
-            proposals.append(engine.propose(rs.state, rs.token_ids, engine.near_end(past)))
+        proposals = self.propose(states, starts)
         tokens_BN, positions_BN, block = _pad(proposals, starts, model.device)
         hidden_BNE = model.forward_rows(tokens_BN, positions_BN, self.cache, rows, block)
         logits_BNV = model.logits(hidden_BNE)
@@ -104,6 +102,32 @@ class BatchDecoder:
             rs.state = DecodeState(hidden_BNE[b, d.nodes[-1]], d.next_token)
             emitted.append(d.emitted)
         return emitted
+
+    def propose(self, states: Sequence[RowState], starts: Sequence[int]) -> list[Proposal]:
+        """Each row's proposal; a static tree is drafted for all rows at once when the drafter
+        can (`draft_rows`), then each row gets its own lookup branch."""
+        engine = self.engine
+        tree, draft_rows = engine.tree, getattr(engine.drafter, "draft_rows", None)
+        near_end = [engine.near_end(past) for past in starts]
+        decode = [_prefilled(rs) for rs in states]
+        if draft_rows is None or not isinstance(tree, TreeBuffers) or any(near_end):
+            return [
+                engine.propose(d, rs.token_ids, near)
+                for d, rs, near in zip(decode, states, near_end, strict=True)
+            ]
+        hidden_BE = torch.stack([d.hidden_E for d in decode])
+        roots_B = torch.tensor([d.root for d in decode], device=hidden_BE.device)
+        tokens_BN = draft_rows(hidden_BE, roots_B, tree)
+        return [
+            engine.add_lookup(Proposal(tree, tokens_BN[b]), rs.token_ids, d.root)
+            for b, (d, rs) in enumerate(zip(decode, states, strict=True))
+        ]
+
+
+def _prefilled(rs: RowState) -> DecodeState:
+    if rs.state is None:
+        raise RuntimeError("a row steps only once it is prefilled")
+    return rs.state
 
 
 def _pad(

@@ -262,6 +262,26 @@ class RecurrentDrafter:
         return tokens_N
 
     @torch.inference_mode()
+    def draft_rows(
+        self, hidden_BE: torch.Tensor, roots_B: torch.Tensor, tree: TreeBuffers
+    ) -> torch.Tensor:
+        """`draft` for B rows on one static tree at once: tokens_BN (batched decoding)."""
+        b = hidden_BE.shape[0]
+        tokens_BN = roots_B.reshape(b, 1).repeat(1, tree.num_nodes)
+        states_BRE = hidden_BE[:, None]
+        for plan in self._plan(tree):
+            if plan.children.numel() == 0:
+                break
+            states_BRE = states_BRE[:, plan.parent_rows]
+            r = states_BRE.shape[1]
+            emb_BRE = self.embed(tokens_BN[:, plan.nodes])
+            states_BRE = self.heads.step(states_BRE.flatten(0, 1), emb_BRE.flatten(0, 1))
+            states_BRE = states_BRE.view(b, r, -1)
+            top_BRK = self._logits(states_BRE.flatten(0, 1)).topk(tree.top_k, dim=-1).indices
+            tokens_BN[:, plan.children] = self.vocab_M[top_BRK.view(b, -1)[:, plan.slots]]
+        return tokens_BN
+
+    @torch.inference_mode()
     def draft_dynamic(
         self,
         hidden_E: torch.Tensor,

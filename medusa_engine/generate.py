@@ -250,13 +250,20 @@ class MedusaGenerator:
             tokens_N = self.drafter.draft(state.hidden_E, root_t, tree, token_ids)
         else:
             tokens_N = root_t.reshape(1)
-        if self.lookup_branch is not None and not near_end:
-            guess = self.lookup_branch.guess([*token_ids, state.root])  # on the host
-            if guess:
-                tree = self.lookup_branch.tree(tree, len(guess))
-                guess_G = torch.tensor(guess, dtype=tokens_N.dtype, device=root_t.device)
-                tokens_N = torch.cat([tokens_N, guess_G])
-        return Proposal(tree, tokens_N)
+        proposal = Proposal(tree, tokens_N)
+        return proposal if near_end else self.add_lookup(proposal, token_ids, state.root)
+
+    def add_lookup(self, proposal: Proposal, token_ids: Sequence[int], root: int) -> Proposal:
+        """`proposal` with the lookup branch under its root when the text has a match."""
+        if self.lookup_branch is None:
+            return proposal
+        guess = self.lookup_branch.guess([*token_ids, root])  # on the host
+        if not guess:
+            return proposal
+        tokens_N = proposal.tokens_N
+        guess_G = torch.tensor(guess, dtype=tokens_N.dtype, device=tokens_N.device)
+        tree = self.lookup_branch.tree(proposal.tree, len(guess))
+        return Proposal(tree, torch.cat([tokens_N, guess_G]))
 
     def verify(self, proposal: Proposal, session: Session, past: int) -> torch.Tensor:
         """hidden_NE of the tree's nodes: one forward at positions past + depth."""

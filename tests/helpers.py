@@ -11,6 +11,7 @@ from medusa_engine.config import HeadsConfig
 from medusa_engine.drafters import LogitsDrafter
 from medusa_engine.heads import MedusaHeads
 from medusa_engine.heads_io import save_heads
+from medusa_engine.recurrent_heads import RecurrentHeads
 
 
 def random_heads(
@@ -31,6 +32,18 @@ def random_heads(
         torch.nn.init.normal_(p, std=0.3)
     if save_to is not None:
         save_heads(heads, save_to)
+    return heads
+
+
+def random_recurrent(model, num_heads=4, draft_vocab=300, seed=0) -> RecurrentHeads:
+    """Recurrent heads with random weights over a random draft vocabulary, for `model`."""
+    torch.manual_seed(seed)
+    config = HeadsConfig(num_heads, 1, model.hidden_size, model.vocab_size, kind="recurrent",
+                         ffn_size=96, draft_vocab=draft_vocab)  # fmt: skip
+    heads = RecurrentHeads(config)
+    for p in heads.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    heads.set_draft_vocab(torch.randperm(model.vocab_size)[:draft_vocab].sort().values)
     return heads
 
 

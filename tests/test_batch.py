@@ -23,7 +23,7 @@ from medusa_engine.scheduler import (
     SchedulerClosedError,
     generate_all,
 )
-from tests.helpers import OracleDrafter, random_heads
+from tests.helpers import OracleDrafter, random_heads, random_recurrent
 
 
 @pytest.fixture(scope="module")
@@ -280,3 +280,24 @@ def test_batch_decoder_rows_can_hold_different_trees(model, heads, prompts):
             o.extend(e)
     for o, p in zip(out, [repeat, prompts[1]]):
         assert o[:30] == _batch1(engine, p, 30)
+
+
+def test_recurrent_heads_draft_all_rows_at_once_as_each_row_alone(model, prompts):
+    """`draft_rows` (one batched transition per depth for every row) equals per-row `draft`,
+    and the scheduler's rows still equal their batch-1 output with it."""
+    from medusa_engine.drafters import RecurrentDrafter
+    from medusa_engine.tree import tree_from_name
+
+    heads = random_recurrent(model, num_heads=3, draft_vocab=200, seed=2)
+    drafter = RecurrentDrafter(heads, model, int8=False)
+    tree = tree_from_name("cpu_16", 3)
+    torch.manual_seed(0)
+    hidden_BE = torch.randn(4, model.hidden_size)
+    roots_B = torch.tensor([5, 17, 33, 2])
+    rows = drafter.draft_rows(hidden_BE, roots_B, tree)
+    for b in range(4):
+        assert torch.equal(rows[b], drafter.draft(hidden_BE[b], roots_B[b], tree, []))
+    engine = build_engine(model, heads, "cpu_16", lookup=4)
+    want = [_batch1(engine, p, 40) for p in prompts[:5]]
+    got = generate_all(Scheduler(engine, max_batch=4), [Request(tuple(p), 40) for p in prompts[:5]])
+    assert [tokens for tokens, _ in got] == want

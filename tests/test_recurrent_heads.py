@@ -25,21 +25,11 @@ from medusa_engine.training.data import encode_dataset, load_records
 from medusa_engine.training.features import compute_features
 from medusa_engine.tree import tree_from_name
 from tests.conftest import PROMPTS
+from tests.helpers import random_recurrent
 
 STORIES = (
     Path(__file__).resolve().parents[1] / "data" / "train" / "tinystories_train_sample_2MiB.txt"
 )
-
-
-def random_recurrent(model, num_heads=4, draft_vocab=300, seed=0) -> RecurrentHeads:
-    torch.manual_seed(seed)
-    config = HeadsConfig(num_heads, 1, model.hidden_size, model.vocab_size, kind="recurrent",
-                         ffn_size=96, draft_vocab=draft_vocab)  # fmt: skip
-    heads = RecurrentHeads(config)
-    for p in heads.parameters():
-        torch.nn.init.normal_(p, std=0.3)
-    heads.set_draft_vocab(torch.randperm(model.vocab_size)[:draft_vocab].sort().values)
-    return heads
 
 
 @pytest.fixture(scope="module")
