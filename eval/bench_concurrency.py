@@ -37,8 +37,7 @@ import torch
 
 from eval.timing import environment
 from medusa_engine.config import SamplingConfig
-from medusa_engine.engine import heads_folder, load_engine
-from medusa_engine.models import resolve_model
+from medusa_engine.engine import load_engine
 from medusa_engine.scheduler import Event, Request, Scheduler
 
 
@@ -139,14 +138,9 @@ def _engine_config(args):
 
 
 def _plans(args, config, engine):
-    from medusa_engine.batch_plans import load_plans
+    from medusa_engine.batch_plans import plans_for
 
-    path = args.batch_plans
-    if path is None:
-        folder = heads_folder(config.heads, resolve_model(config.model))
-        bundled = folder / "batch_plans.json" if folder is not None else None
-        path = bundled if bundled is not None and bundled.is_file() else None
-    return load_plans(path, engine.drafter)[0] if path is not None else None
+    return plans_for(config, engine.drafter, args.batch_plans)
 
 
 def plans_label(plans) -> dict | None:

@@ -22,12 +22,16 @@ from pathlib import Path
 from typing import Any
 
 from attention.state_files import atomic_write
+from medusa_engine.config import EngineConfig
 from medusa_engine.drafters import Drafter
+from medusa_engine.engine import heads_folder
 from medusa_engine.generate import MedusaGenerator
+from medusa_engine.models import resolve_model
 from medusa_engine.scheduler import BatchPlan, Request, Scheduler, generate_all
 from medusa_engine.tree_spec import parse_tree
 
 Candidate = tuple[str, int]  # (tree spec, lookup)
+BUNDLED = "batch_plans.json"  # beside the heads it was tuned for
 
 
 def load_plans(path: str | Path, drafter: Drafter | None) -> tuple[dict[int, BatchPlan], dict]:
@@ -45,6 +49,18 @@ def load_plans(path: str | Path, drafter: Drafter | None) -> tuple[dict[int, Bat
         raise ValueError(f"batch plans {path}: need a plan for batch size 1 and lookups >= 0")
     plans = {size: BatchPlan(parse_tree(tree, drafter), lookup) for size, (tree, lookup) in specs.items()}  # fmt: skip
     return plans, {size: {"tree": t, "lookup": lk} for size, (t, lk) in specs.items()}
+
+
+def plans_for(
+    config: EngineConfig, drafter: Drafter | None, path: str | Path | None = None
+) -> dict[int, BatchPlan] | None:
+    """`--batch-plans`: the file given, else the heads' bundled `batch_plans.json` if they ship
+    one, else None (the engine's own tree and lookup at every batch size)."""
+    if path is None:
+        folder = heads_folder(config.heads, resolve_model(config.model))
+        bundled = folder / BUNDLED if folder is not None else None
+        path = bundled if bundled is not None and bundled.is_file() else None
+    return load_plans(path, drafter)[0] if path is not None else None
 
 
 def save_plans(path: str | Path, chosen: dict[int, Candidate], measured: dict[int, dict]) -> None:

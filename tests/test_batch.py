@@ -301,3 +301,57 @@ def test_recurrent_heads_draft_all_rows_at_once_as_each_row_alone(model, prompts
     want = [_batch1(engine, p, 40) for p in prompts[:5]]
     got = generate_all(Scheduler(engine, max_batch=4), [Request(tuple(p), 40) for p in prompts[:5]])
     assert [tokens for tokens, _ in got] == want
+
+
+def test_batch_plans_are_measured_saved_loaded_and_switched_by_batch_size(
+    model, heads, prompts, tmp_path
+):
+    from medusa_engine.batch_plans import load_plans, save_plans, tune_plans
+
+    engine = build_engine(model, heads, "cpu_16", lookup=4)
+    candidates = [("plain", 0), ("cpu_8", 4), ("cpu_16", 0)]
+    chosen, measured = tune_plans(engine, prompts[:3], [1, 2], candidates, max_new_tokens=8)
+    assert set(chosen) == {1, 2} and all(c in candidates for c in chosen.values())
+    assert all(len(measured[b]) == 3 and min(measured[b].values()) > 0 for b in (1, 2))
+    path = tmp_path / "plans.json"
+    save_plans(path, {1: ("cpu_16", 4), 3: ("plain", 0)}, measured)
+    plans, specs = load_plans(path, engine.drafter)
+    assert plans[1].tree.num_nodes == engine.tree.num_nodes and plans[1].lookup == 4
+    assert plans[3].tree.num_nodes == 1 and specs[3] == {"tree": "plain", "lookup": 0}
+    # A batch of three or more verifies plain, fewer rows cpu_16: the same tokens.
+    want = [_batch1(engine, p, 30) for p in prompts[:5]]
+    scheduler = Scheduler(engine, max_batch=4, plans=plans)
+    got = generate_all(scheduler, [Request(tuple(p), 30) for p in prompts[:5]])
+    assert [tokens for tokens, _ in got] == want
+    path.write_text('{"plans": {"2": {"tree": "plain", "lookup": 0}}}')
+    with pytest.raises(ValueError, match="batch size 1"):
+        load_plans(path, engine.drafter)
+    path.write_text("not json")
+    with pytest.raises(ValueError, match="not a tune-tree"):
+        load_plans(path, engine.drafter)
+    with pytest.raises(ValueError, match="no such file"):
+        load_plans(tmp_path / "missing.json", engine.drafter)
+
+
+def test_tune_tree_batch_sizes_cli_writes_plans_and_refuses_bad_sizes(tmp_path, capsys):
+    from medusa_engine.batch_plans import load_plans
+    from medusa_engine.cli import main
+
+    out = tmp_path / "plans.json"
+    argv = ["tune-tree", "--model", "stories260k", "--dtype", "fp32", "--out", str(out)]
+    assert main([*argv, "--batch-sizes", "2,4"]) == 2
+    assert "must include 1" in capsys.readouterr().err
+    assert main([*argv, "--batch-sizes", "1,x"]) == 2
+    assert main([*argv, "--batch-sizes", "1,2", "--calibration-tokens", "4"]) == 0
+    plans, _ = load_plans(out, _bundled_drafter())
+    assert set(plans) == {1, 2}
+
+
+def _bundled_drafter():
+    from medusa_engine.drafters import make_drafter
+    from medusa_engine.heads_io import load_heads
+    from medusa_engine.models import resolve_model
+
+    source = resolve_model("stories260k")
+    model = HFModel.load("stories260k", dtype="fp32", attention="sdpa")
+    return make_drafter(load_heads(source.bundled_heads), model)

@@ -51,6 +51,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests before 503s")
     p.add_argument(
+        "--batch-plans",
+        default=None,
+        help="tree + lookup per batch size (tune-tree --batch-sizes); default: the heads' "
+        "batch_plans.json if they ship one, else --tree and --lookup at every size",
+    )
+    p.add_argument(
         "--prefill-chunk", type=int, default=128, help="prompt tokens fed per step (a newcomer's)"
     )
     p.add_argument("--max-body-kb", type=int, default=1024, help="request body size limit")
@@ -96,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
             f"serve needs FastAPI and uvicorn ({err.name} is missing): "
             "pip install 'medusa-engine[serve]'"
         ) from None
+    from medusa_engine.batch_plans import plans_for
     from medusa_engine.engine import load_engine
     from medusa_engine.scheduler import Scheduler
 
@@ -125,6 +132,7 @@ def run(args: argparse.Namespace) -> int:
             kv_budget_mb=args.kv_budget_mb,
             max_queue=args.max_queue,
             prefill_chunk=args.prefill_chunk,
+            plans=plans_for(config, engine.drafter, args.batch_plans),
         )
         options = ServerOptions(
             model_name=args.served_model_name or engine.model.name,
