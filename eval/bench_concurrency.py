@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from eval.timing import environment
+from medusa_engine.batch_plans import plans_for
 from medusa_engine.config import SamplingConfig
 from medusa_engine.engine import load_engine
 from medusa_engine.scheduler import Event, Request, Scheduler
@@ -74,18 +75,23 @@ def run(args: Any, prompts: list, progress) -> dict:
     from medusa_engine.hf_adapter import encode_prompt
 
     levels = levels_of(args.concurrency)
-    config = replace(_engine_config(args), sampling=SamplingConfig())
-    engine = load_engine(config, progress)
+    from medusa_engine.cli import engine_config
+
+    config = replace(engine_config(args), sampling=SamplingConfig())
+    seq_engine = load_engine(config, progress)  # today's single-request path, as configured
+    engine = seq_engine
+    if config.attention == "hf":  # batched verification runs on our attention: a second copy
+        engine = load_engine(replace(config, attention="sdpa"), progress)
     model = engine.model
     encoded = [encode_prompt(model.tokenizer, p.text, args.raw) for p in prompts]
-    plans = _plans(args, config, engine)
+    plans = plans_for(config, engine.drafter, args.batch_plans)
     load_start = os.getloadavg()
     n_new = args.max_new_tokens
     methods: dict[str, dict] = {}
 
-    engine.generate(encoded[0][:16], 8)  # warm-up
-    progress("engine-seq: our batch-1 engine, one prompt after another")
-    seq = _sequential(engine, encoded, n_new)
+    seq_engine.generate(encoded[0][:16], 8)  # warm-up
+    progress(f"engine-seq: our batch-1 engine (attention {config.attention}), one by one")
+    seq = _sequential(seq_engine, encoded, n_new)
     methods["engine-seq"] = _figures(seq, None)
     answers: dict[int, list[list[int]]] = {}
     for c in levels:
@@ -98,10 +104,12 @@ def run(args: Any, prompts: list, progress) -> dict:
         methods[f"sched@{c}"] = _figures(records, stats) | {
             "same_as_engine_seq": sum(r.tokens == s.tokens for r, s in zip(records, seq)),
         }
-    model.restore()  # type: ignore[attr-defined]  # HF's own attention for its baseline
+    hf_model = seq_engine.model
+    if config.attention != "hf":
+        hf_model.restore()  # type: ignore[attr-defined]  # HF's own attention for its baseline
     for c in levels:
         progress(f"hf generate, batches of {c}")
-        hf = _hf_batches(model, encoded, n_new, c)
+        hf = _hf_batches(hf_model, encoded, n_new, c)
         methods[f"hf-batch@{c}"] = _figures(hf, None)
         same = sum(r.tokens == a for r, a in zip(hf, answers[c]))
         methods[f"sched@{c}"]["same_as_hf_batch"] = same
@@ -122,25 +130,11 @@ def run(args: Any, prompts: list, progress) -> dict:
         "levels": levels,
         "arrival_rate": args.arrival_rate,
         "plans": plans_label(plans),
+        "engine_seq_attention": config.attention,
         "stamp": stamp | {"model": args.model, "peak_rss_bytes": _peak_rss()},
         "warnings": warnings,
         "methods": methods,
     }
-
-
-def _engine_config(args):
-    from medusa_engine.cli import engine_config
-
-    config = engine_config(args)
-    if config.attention == "hf":
-        config = replace(config, attention="sdpa")  # batched verification runs on our attention
-    return config
-
-
-def _plans(args, config, engine):
-    from medusa_engine.batch_plans import plans_for
-
-    return plans_for(config, engine.drafter, args.batch_plans)
 
 
 def plans_label(plans) -> dict | None:
