@@ -47,7 +47,11 @@ def load_plans(path: str | Path, drafter: Drafter | None) -> tuple[dict[int, Bat
         ) from None
     if not specs or min(specs) != 1 or any(lookup < 0 for _, lookup in specs.values()):
         raise ValueError(f"batch plans {path}: need a plan for batch size 1 and lookups >= 0")
-    plans = {size: BatchPlan(parse_tree(tree, drafter), lookup) for size, (tree, lookup) in specs.items()}  # fmt: skip
+    folder = Path(path).parent  # a tree file beside the plans is named relative to them
+    plans = {
+        size: BatchPlan(parse_tree(_beside(folder, tree), drafter), lookup)
+        for size, (tree, lookup) in specs.items()
+    }
     return plans, {size: {"tree": t, "lookup": lk} for size, (t, lk) in specs.items()}
 
 
@@ -63,10 +67,25 @@ def plans_for(
     return load_plans(path, drafter)[0] if path is not None else None
 
 
+def _beside(folder: Path, spec: str) -> str:
+    return str(folder / spec) if (folder / spec).is_file() else spec
+
+
 def save_plans(path: str | Path, chosen: dict[int, Candidate], measured: dict[int, dict]) -> None:
+    """Write the chosen plans (a tree file in the same folder is named by its file name, so
+    the folder can move) and every measured figure."""
+    folder = Path(path).resolve().parent
+
+    def spec(tree: str) -> str:
+        file = Path(tree)
+        return file.name if file.is_file() and file.resolve().parent == folder else tree
+
     record = {
-        "plans": {str(b): {"tree": t, "lookup": lk} for b, (t, lk) in sorted(chosen.items())},
-        "measured": {str(b): m for b, m in sorted(measured.items())},
+        "plans": {str(b): {"tree": spec(t), "lookup": lk} for b, (t, lk) in sorted(chosen.items())},
+        "measured": {
+            str(b): {spec(k.rsplit("|", 1)[0]) + "|" + k.rsplit("|", 1)[1]: v for k, v in m.items()}
+            for b, m in sorted(measured.items())
+        },
     }
     text = json.dumps(record, indent=1) + "\n"
     atomic_write(Path(path), lambda tmp: tmp.write_text(text))
