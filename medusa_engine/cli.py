@@ -164,6 +164,8 @@ def cmd_tune_tree(args: argparse.Namespace) -> int:
     from medusa_engine.trees import TREE_PRESETS
     from medusa_engine.tune import score_tree, tune
 
+    if args.batch_sizes:
+        return cmd_tune_batch(args)
     if args.tree != "default":
         raise CLIError("tune-tree chooses the tree itself: drop --tree")
     if args.calibration_tokens < 1:
@@ -194,6 +196,47 @@ def cmd_tune_tree(args: argparse.Namespace) -> int:
     if out is not None:
         tuned.save(out)
         progress(f"wrote {out} (use it with --tree {out})")
+    return 0
+
+
+def cmd_tune_batch(args: argparse.Namespace) -> int:
+    """`tune-tree --batch-sizes`: the best (tree, lookup) per batch size, measured."""
+    from dataclasses import replace
+
+    from medusa_engine.batch_plans import describe, save_plans, tune_plans
+    from medusa_engine.calibration import calibration_prompts
+    from medusa_engine.engine import heads_folder, load_engine, tree_value
+    from medusa_engine.models import resolve_model
+
+    try:
+        sizes = sorted({int(v) for v in args.batch_sizes.split(",") if v.strip()})
+    except ValueError:
+        raise CLIError(
+            f"--batch-sizes takes integers like 1,2,4,8, not {args.batch_sizes!r}"
+        ) from None
+    if not sizes or sizes[0] != 1:
+        raise CLIError("--batch-sizes must include 1 (the plan for a lone request)")
+    out = Path(args.out) if args.out else None
+    if out is not None:
+        _check_writable_file(out, "--out")
+    config = engine_config(args)
+    if config.attention == "hf":
+        config = replace(config, attention="sdpa")  # batched verification runs on our attention
+    engine = load_engine(config)
+    if engine.drafter is None:
+        raise CLIError("tune-tree needs heads: pass --heads DIR (or a model with bundled heads)")
+    own = tree_value(args.tree, heads_folder(config.heads, resolve_model(config.model)))
+    trees = list(dict.fromkeys([own, "cpu_8", "cpu_16"]))
+    lookups = sorted({0, config.lookup})
+    candidates = [("plain", lk) for lk in lookups] + [(t, lk) for t in trees for lk in lookups]
+    prompts = calibration_prompts(engine.model.tokenizer)
+    chosen, measured = tune_plans(
+        engine, prompts, sizes, candidates, args.calibration_tokens, progress
+    )
+    print(describe({b: {"tree": t, "lookup": lk} for b, (t, lk) in chosen.items()}))
+    if out is not None:
+        save_plans(out, chosen, measured)
+        progress(f"wrote {out} (use it with serve/bench --batch-plans {out})")
     return 0
 
 
@@ -335,6 +378,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(tune_p)
     tune_p.add_argument("--out", default=None, help="write the tuned tree (JSON) here")
     tune_p.add_argument("--calibration-tokens", type=int, default=64)
+    tune_p.add_argument(
+        "--batch-sizes",
+        default=None,
+        help="e.g. 1,2,4,8: measure and pick a tree and lookup per batch size for batched "
+        "serving (writes --out as batch plans for serve / bench --concurrency)",
+    )
     tune_p.set_defaults(func=cmd_tune_tree)
     train = sub.add_parser("train-heads", help="train Medusa heads on a model's hidden states")
     _add_lazy_arguments(train, "medusa_engine.training.cli")
