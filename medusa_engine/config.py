@@ -53,6 +53,8 @@ class HeadsConfig:
                 raise ValueError(f"HeadsConfig.{name} must be positive, got {getattr(self, name)}")
         if self.kind not in HEAD_KINDS:
             raise ValueError(f"unknown heads kind {self.kind!r}; choose {' or '.join(HEAD_KINDS)}")
+        if self.kind == "eagle3":
+            raise ValueError("eagle3 heads are described by eagle3.Eagle3Config")
         if self.kind == "recurrent":
             if self.ffn_size < 1 or not self.shared_lm_head:
                 raise ValueError("recurrent heads need ffn_size >= 1 and the shared LM head")
@@ -76,7 +78,7 @@ class HeadsConfig:
         return temps[min(depth, len(temps)) - 1] if temps else 1.0
 
 
-HEAD_KINDS = ("medusa", "recurrent")
+HEAD_KINDS = ("medusa", "recurrent", "eagle3")  # eagle3: eagle3.Eagle3Config, not HeadsConfig
 ATTENTION_CHOICES = ("hf", *BACKENDS)  # "hf": the model's own attention; else ours
 DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32")
 # Most nodes of the prompt-lookup branch under the tree's root (`drafters.LookupBranch`); why 16:

@@ -30,6 +30,7 @@ import torch
 
 from medusa_engine.candidates import fill_tree
 from medusa_engine.dynamic_tree import DynamicTree, grow
+from medusa_engine.eagle3 import Eagle3Drafter, Eagle3Heads
 from medusa_engine.heads import MedusaHeads
 from medusa_engine.heads_io import AnyHeads
 from medusa_engine.int8_linear import Int8Linear, int8_supported
@@ -315,9 +316,11 @@ class RecurrentDrafter:
 
 
 def make_drafter(heads: AnyHeads, model: CausalLM) -> Drafter:
-    """The drafter for heads of either kind."""
+    """The drafter for heads of any kind."""
     if isinstance(heads, RecurrentHeads):
         return RecurrentDrafter(heads, model)
+    if isinstance(heads, Eagle3Heads):
+        return Eagle3Drafter(heads, model)
     return HeadsDrafter(heads, model)
 
 

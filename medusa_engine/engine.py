@@ -11,6 +11,7 @@ from pathlib import Path
 
 from medusa_engine.config import EngineConfig, SamplingConfig
 from medusa_engine.drafters import Drafter, make_drafter
+from medusa_engine.eagle3 import Eagle3Heads
 from medusa_engine.generate import MedusaGenerator
 from medusa_engine.heads import MedusaHeads
 from medusa_engine.heads_io import load_heads
@@ -25,7 +26,7 @@ Progress = Callable[[str], None]
 
 def build_engine(
     model: CausalLM,
-    heads: MedusaHeads | RecurrentHeads | Drafter | None,
+    heads: MedusaHeads | RecurrentHeads | Eagle3Heads | Drafter | None,
     tree: TreeSpec = "plain",
     sampling: SamplingConfig | None = None,
     *,
@@ -34,7 +35,9 @@ def build_engine(
 ) -> MedusaGenerator:
     """An engine over a loaded model: heads (or a drafter) and a tree spec resolved for them."""
     drafter = (
-        make_drafter(heads, model) if isinstance(heads, (MedusaHeads, RecurrentHeads)) else heads
+        make_drafter(heads, model)
+        if isinstance(heads, (MedusaHeads, RecurrentHeads, Eagle3Heads))
+        else heads
     )
     return MedusaGenerator(model, drafter, parse_tree(tree, drafter), sampling, lookup, static)
 

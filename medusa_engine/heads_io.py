@@ -4,7 +4,11 @@ Formats:
 * ours: `config.json` (`"format": "medusa-engine"` + `HeadsConfig` fields) and `heads.safetensors`;
 * FasterDecoding/Medusa: `config.json` with `medusa_num_heads`, `medusa_num_layers`,
   `base_model_name_or_path`, weights in `medusa_lm_head.safetensors` (or `.pt`), keys
-  `{k}.{j}.linear.{weight,bias}` for the blocks and `{k}.{num_layers}.weight` for W2.
+  `{k}.{j}.linear.{weight,bias}` for the blocks and `{k}.{num_layers}.weight` for W2;
+* the EAGLE-3 layout (SGLang / vLLM `LlamaForCausalLMEagle3`, ours exported or a published
+  one): `config.json` (`eagle3.config_from_json`), weights in `model.safetensors` (or
+  `pytorch_model.bin`) under the names `eagle3.Eagle3Heads` uses; ours in our format are
+  `kind: "eagle3"` with the same names in `heads.safetensors`.
 """
 
 from __future__ import annotations
@@ -17,13 +21,16 @@ import torch
 
 from attention.state_files import atomic_write
 from medusa_engine.config import HeadsConfig, HeadsError
+from medusa_engine.eagle3 import Eagle3Config, Eagle3Heads, config_from_json
 from medusa_engine.heads import MedusaHeads
 from medusa_engine.recurrent_heads import RecurrentHeads
 
 FORMAT = "medusa-engine"
 WEIGHTS = "heads.safetensors"
 
-AnyHeads = MedusaHeads | RecurrentHeads
+AnyHeads = MedusaHeads | RecurrentHeads | Eagle3Heads
+EAGLE3_WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # the published layout's files
+EAGLE3_UNUSED = ("t2d", "embed_tokens.weight")  # published extras: the base's embedding is used
 
 
 def save_heads(
@@ -69,11 +76,18 @@ def _load_any(path: Path) -> AnyHeads:
         raise HeadsError(f"{config_file} is not valid JSON: {err}") from None
     if not isinstance(raw, dict):
         raise HeadsError(f"{config_file} must hold a JSON object")
+    if raw.get("format") == FORMAT and raw.get("kind") == "eagle3":
+        return _load_eagle3(path, raw, path / WEIGHTS)
     if raw.get("format") == FORMAT:
         return _load_ours(path, raw)
+    if "LlamaForCausalLMEagle3" in (raw.get("architectures") or []):
+        file = next((path / f for f in EAGLE3_WEIGHTS if (path / f).is_file()), None)
+        if file is None:
+            raise HeadsError(f"{path} has no {' or '.join(EAGLE3_WEIGHTS)}")
+        return _load_eagle3(path, raw, file)
     if "medusa_num_heads" in raw:
         return _load_published(path, raw)
-    raise HeadsError(f"{config_file} describes neither medusa-engine nor Medusa heads")
+    raise HeadsError(f"{config_file} describes neither medusa-engine, Medusa nor EAGLE-3 heads")
 
 
 def _read_weights(file: Path) -> dict[str, torch.Tensor]:
@@ -128,6 +142,40 @@ def _load_ours(path: Path, raw: dict) -> AnyHeads:
     _check_shapes(expected, found, file)
     heads = _heads_of(config)
     _load_state(heads, _read_weights(file), file)
+    return heads
+
+
+def _load_eagle3(path: Path, raw: dict, file: Path) -> Eagle3Heads:
+    """EAGLE-3 heads: ours (`kind: "eagle3"`) or the published layout; config and weights are
+    checked against each other on the meta device first, as in `_load_ours`."""
+    try:
+        if raw.get("format") == FORMAT:
+            config = Eagle3Config(
+                **{k: raw[k] for k in Eagle3Config.__dataclass_fields__ if k in raw}
+            )
+        else:
+            config = config_from_json(raw)
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in Eagle3Heads(config).state_dict().items()}
+    except (TypeError, ValueError, KeyError, OverflowError, RuntimeError) as err:
+        raise HeadsError(f"{path / 'config.json'}: {str(err).splitlines()[0]}") from None
+    if not file.is_file():
+        raise HeadsError(f"{path} has no {file.name}")
+    if file.suffix == ".safetensors":
+        found = _file_shapes(file)
+    else:
+        found = {k: tuple(v.shape) for k, v in _read_weights(file).items()}
+    found = {k: v for k, v in found.items() if k not in EAGLE3_UNUSED}
+    if "d2t" not in found and config.draft_vocab_size == config.vocab_size:
+        found["d2t"] = (config.draft_vocab_size,)  # a full draft vocabulary needs no map
+    _check_shapes(expected, found, file)
+    state = {k: v for k, v in _read_weights(file).items() if k not in EAGLE3_UNUSED}
+    state.setdefault("d2t", torch.zeros(config.draft_vocab_size, dtype=torch.int64))
+    if state["d2t"].is_floating_point() or state["d2t"].is_complex():
+        raise HeadsError(f"{file}: d2t must hold integers, not {state['d2t'].dtype}")
+    state["d2t"] = state["d2t"].to(torch.int64)
+    heads = Eagle3Heads(config)
+    _load_state(heads, state, file)
     return heads
 
 

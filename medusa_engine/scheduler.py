@@ -145,6 +145,11 @@ class Scheduler:
             raise ValueError("max_batch and prefill_chunk must be >= 1, max_queue >= 0")
         if engine.static:
             raise ValueError("batched decoding does not take static steps (--static-step)")
+        if hasattr(engine.drafter, "on_commit"):  # EAGLE-3: one draft cache per session
+            raise ValueError(
+                "batched decoding drafts with medusa or recurrent heads; eagle3 drafters keep "
+                "a draft KV cache per session, which rows do not have yet"
+            )
         self.engine = engine
         self.model = engine.model
         self.max_batch = max_batch

@@ -355,3 +355,18 @@ def _bundled_drafter():
     source = resolve_model("stories260k")
     model = HFModel.load("stories260k", dtype="fp32", attention="sdpa")
     return make_drafter(load_heads(source.bundled_heads), model)
+
+
+def test_a_drafter_with_its_own_cache_is_refused_with_a_clear_error(model):
+    class CachedDrafter:
+        num_heads = 1
+        draft_vocab_size = model.vocab_size
+        max_depth = 1
+
+        def on_commit(self, token_ids, past, nodes):  # a per-session draft cache (EAGLE-3)
+            pass
+
+    engine = build_engine(model, None, "plain")
+    engine.drafter = CachedDrafter()
+    with pytest.raises(ValueError, match="eagle3"):
+        Scheduler(engine)

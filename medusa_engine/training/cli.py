@@ -54,13 +54,22 @@ def add_arguments(p: Any) -> None:
     p.add_argument(
         "--with-reference-answers",
         action="store_true",
-        help="--kind recurrent + --self-distill: also train on the data's own answers",
+        help="--kind recurrent/eagle3 + --self-distill: also train on the data's own answers",
     )
     p.add_argument(
         "--save-dtype",
         default="fp32",
         choices=["fp32", "bf16"],
         help="dtype of the written heads' weights (bf16 halves the file)",
+    )
+    p.add_argument(
+        "--aux-layers",
+        type=int,
+        nargs=3,
+        default=None,
+        metavar="K",
+        help="--kind eagle3: the base layers whose outputs the draft fuses (default: the inputs "
+        "of layers 2, L/2 and L - 3, as SGLang and vLLM pick)",
     )
     p.add_argument(
         "--features-cache",
@@ -116,7 +125,10 @@ def _add_config_arguments(p: Any) -> None:
         elif name == "precision":
             p.add_argument(flag, default=value, choices=["fp32", "bf16", "fp16"])
         elif name == "kind":
-            help_ = "medusa: independent heads; recurrent: heads that read the drafted tokens"
+            help_ = (
+                "medusa: independent heads; recurrent: heads that read the drafted tokens; "
+                "eagle3: one decoder layer over fused base layers (EAGLE-3, exportable)"
+            )
             p.add_argument(flag, default=value, choices=list(HEAD_KINDS), help=help_)
         elif name == "steps":
             p.add_argument(flag, type=int, default=value, help="0 = --epochs passes over the data")
@@ -132,8 +144,12 @@ def check_flags(args: Any) -> None:
     """The flags outside `TrainConfig` that are wrong whatever the data (before any work)."""
     if args.extra_distill_temperature and not args.self_distill:
         raise TrainError("--extra-distill-temperature needs --self-distill")
-    if args.with_reference_answers and (args.kind != "recurrent" or not args.self_distill):
-        raise TrainError("--with-reference-answers needs --kind recurrent and --self-distill")
+    if args.with_reference_answers and (
+        args.kind not in ("recurrent", "eagle3") or not args.self_distill
+    ):
+        raise TrainError(
+            "--with-reference-answers needs --kind recurrent or eagle3 and --self-distill"
+        )
     if not 0 < args.eval_fraction < 1:  # 0 would report accuracies on nothing
         raise TrainError(f"--eval-fraction must be in (0, 1), got {args.eval_fraction}")
     if args.max_examples < 0:

@@ -27,13 +27,14 @@ from tqdm import tqdm
 
 from attention.precision import autocast, get_policy
 from attention.state_files import atomic_write
+from medusa_engine.eagle3 import Eagle3Heads
 from medusa_engine.heads import MedusaHeads
 from medusa_engine.heads_io import save_heads
 from medusa_engine.hf_adapter import HFModel, quiet_transformers
 from medusa_engine.models import cache_dir
 from medusa_engine.recurrent_heads import RecurrentHeads
+from medusa_engine.training import eagle3, medusa, recurrent
 from medusa_engine.training import features as feats
-from medusa_engine.training import medusa, recurrent
 from medusa_engine.training.config import TrainConfig, TrainError, TrainResult
 from medusa_engine.training.data import (
     Example,
@@ -192,6 +193,26 @@ def _train_recurrent(
     return result, {**metrics, "calibration": calibration}
 
 
+def _train_eagle3(
+    model: Any,
+    train_ex: list[Example],
+    eval_ex: list[Example],
+    cfg: TrainConfig,
+    checkpoint: Path,
+    args: Any,
+    acc: Any,
+    on_step: OnStep,
+) -> tuple[TrainResult, dict[str, Any]]:
+    """`eagle3.train` -> held-out accuracy per depth and confidence temperatures."""
+    aux = tuple(args.aux_layers or ())
+    result = eagle3.train(model, train_ex, cfg, checkpoint, args.resume, acc, on_step, aux)
+    heads = cast(Eagle3Heads, result.heads)
+    metrics = eagle3.evaluate(model, heads, eval_ex, cfg.batch_size, cfg.precision)
+    temps = tuple(row["temperature"] for row in metrics["calibration"])
+    heads.config = replace(heads.config, confidence_temperature=temps)
+    return result, metrics
+
+
 def loss_curve(losses: list[float], first_step: int = 0) -> list[list[float]]:
     """[step, mean loss] over consecutive windows of steps, at most `CURVE_POINTS` of them:
     the loss curve of a run of any length in a metrics.json a person can read."""
@@ -282,6 +303,10 @@ def train_heads(args: Any, cfg: TrainConfig, out: Path, checkpoint: Path) -> int
     try:
         if cfg.kind == "recurrent":
             result, metrics = _train_recurrent(
+                model, train_ex, eval_ex, cfg, checkpoint, args, acc, on_step
+            )
+        elif cfg.kind == "eagle3":
+            result, metrics = _train_eagle3(
                 model, train_ex, eval_ex, cfg, checkpoint, args, acc, on_step
             )
         else:
