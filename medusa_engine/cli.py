@@ -226,9 +226,14 @@ def cmd_tune_batch(args: argparse.Namespace) -> int:
     if engine.drafter is None:
         raise CLIError("tune-tree needs heads: pass --heads DIR (or a model with bundled heads)")
     own = tree_value(args.tree, heads_folder(config.heads, resolve_model(config.model)))
-    trees = list(dict.fromkeys([own, "cpu_8", "cpu_16"]))
-    lookups = sorted({0, config.lookup})
-    candidates = [("plain", lk) for lk in lookups] + [(t, lk) for t in trees for lk in lookups]
+    # Batch 1 wants the heads' own tree and the long lookup branch; larger batches pay for
+    # every row's extra node, so smaller trees and shorter branches are tried too.
+    candidates = list(
+        dict.fromkeys(
+            [("plain", 0), (own, 0), (own, config.lookup), ("cpu_8", 0)]
+            + [(chain, lk) for chain in ("chain_2", "chain_3") for lk in (0, 4)]
+        )
+    )
     prompts = calibration_prompts(engine.model.tokenizer)
     chosen, measured = tune_plans(
         engine, prompts, sizes, candidates, args.calibration_tokens, progress
