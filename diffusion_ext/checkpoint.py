@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -118,3 +119,53 @@ def load_dit(path: str | Path) -> tuple[DiT, str]:
         raise ValueError(f"{path}: cannot read its tensors: {err}") from None
     model.load_state_dict(state)
     return model.eval(), meta["process"]
+
+
+def export_weights(
+    module: nn.Module,
+    kind: str,
+    config: Any,
+    path: str | Path,
+    dtype: torch.dtype = torch.float32,
+    extra: dict[str, str] | None = None,
+) -> None:
+    """`module`'s weights as safetensors (atomic) for the models beside the DiT (`mmdit`,
+    `controlnet`); metadata: `kind`, `config` (JSON of the dataclass `config`), `extra`."""
+    tensors = {k: v.detach().to(dtype).contiguous() for k, v in module.state_dict().items()}
+    meta = {"kind": kind, "config": json.dumps(dataclasses.asdict(config))}
+    meta.update(extra or {})
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+
+
+def load_weights(
+    path: str | Path, kind: str, build: Callable[[dict[str, Any]], nn.Module]
+) -> tuple[nn.Module, dict[str, str]]:
+    """(module with fp32 weights in eval mode, metadata) from an `export_weights` file of `kind`.
+
+    `build(config_dict)` makes the module (ValueError / TypeError for a bad config); it is first
+    built on the meta device and its tensor shapes compared with the file's, so a bad or crafted
+    file is a ValueError before anything is allocated.
+    """
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    meta, shapes = read_header(path)
+    if meta.get("kind") != kind or "config" not in meta:
+        raise ValueError(f"{path} is not a diffusion_ext {kind} export (kind {meta.get('kind')!r})")
+    try:
+        config = json.loads(meta["config"])
+        if not isinstance(config, dict):
+            raise ValueError("not a JSON object")
+        with torch.device("meta"):  # shapes only: nothing is allocated
+            expected = {k: tuple(v.shape) for k, v in build(config).state_dict().items()}
+    except (ValueError, TypeError) as err:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{path}: bad config in its metadata: {err}") from None
+    if expected != shapes:
+        diff = sorted(set(expected.items()) ^ set(shapes.items()))[:3]
+        raise ValueError(f"{path}: tensors do not match its config, e.g. {diff}")
+    module = build(config)
+    try:
+        state = {k: v.float() for k, v in load_file(str(path)).items()}
+    except Exception as err:  # the header was fine; the data behind it was not
+        raise ValueError(f"{path}: cannot read its tensors: {err}") from None
+    module.load_state_dict(state)
+    return module.eval(), meta

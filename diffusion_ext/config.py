@@ -42,6 +42,9 @@ def _check_fields(config: object) -> None:
             raise ValueError(f"{f.name} must be a finite number, got {value}")
 
 
+check_fields = _check_fields  # the public name, for configs that live beside their module (vqvae)
+
+
 @dataclass(frozen=True)
 class DiTConfig:
     """A DiT denoiser. `num_classes` real classes; index `num_classes` is the null class (CFG)."""
@@ -102,6 +105,11 @@ def _dit_presets() -> dict[str, DiTConfig]:
         mlp_ratio=3.0,
         num_classes=10,
         qk_norm=True,
+    )
+    # The rectified-flow DiT on the VQ-VAE's 4x4x4 latents (diffusion_ext/latent.py): patch 1,
+    # so 16 tokens as in tiny-digits.
+    presets["latent-digits"] = replace(
+        presets["tiny-digits"], image_size=4, in_channels=4, patch_size=1
     )
     return presets
 
@@ -187,9 +195,21 @@ class SampleConfig:
     per_class: int = 10
     seed: int = 0
     clip_denoised: bool = True
+    eta: float = 0.0  # DDIM's eta in [0, 1] (0: deterministic, 1: DDPM); ddim only
+    # > 0: classifier guidance (Dhariwal & Nichol, 2021) with the noise-aware classifier
+    # (`noisy_classifier.py`) on top of the DiT; with guidance_scale 0 the DiT is unconditional.
+    classifier_guidance: float = 0.0
 
     def __post_init__(self) -> None:
         _check_fields(self)
+        if not 0.0 <= self.eta <= 1.0:
+            raise ValueError(
+                f"eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM), got {self.eta}"
+            )
+        if self.eta != 0.0 and self.sampler != "ddim":
+            raise ValueError(f"eta is DDIM's parameter; sampler {self.sampler!r} takes none")
+        if self.classifier_guidance < 0:
+            raise ValueError(f"classifier_guidance must be >= 0, got {self.classifier_guidance}")
         if self.sampler not in SAMPLER_NAMES:
             raise ValueError(
                 f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLER_NAMES)}"

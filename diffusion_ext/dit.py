@@ -16,6 +16,8 @@ Paper's tricks, written out:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -157,15 +159,28 @@ class DiT(nn.Module):
         """c_BE = embed(t) + embed(y)."""
         return self.t_embed(t_B) + self.y_embed(y_B)
 
-    def forward(self, x_BCHW: torch.Tensor, t_B: torch.Tensor, y_B: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x_BCHW: torch.Tensor,
+        t_B: torch.Tensor,
+        y_B: torch.Tensor,
+        block_residuals: Sequence[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """`block_residuals` (ControlNet, `controlnet.py`): tensors [B, T, E] added to the tokens
+        after blocks 0, 1, ... in order (at most `depth`); None leaves the forward untouched."""
         b = x_BCHW.shape[0]
         if t_B.shape != (b,) or y_B.shape != (b,):
             raise ValueError(
                 f"expected t and y of shape ({b},), got {tuple(t_B.shape)}, {tuple(y_B.shape)}"
             )
+        residuals = list(block_residuals or [])
+        if len(residuals) > len(self.blocks):
+            raise ValueError(f"{len(residuals)} block residuals for {len(self.blocks)} blocks")
         x_BTE = self.embed(x_BCHW)
         c_BE = self.condition(t_B, y_B)
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
             x_BTE = block(x_BTE, c_BE)
+            if i < len(residuals):
+                x_BTE = x_BTE + residuals[i]
         out_BTE = self.final(x_BTE, c_BE)
         return unpatchify(out_BTE, self.config.patch_size, self.config.in_channels)

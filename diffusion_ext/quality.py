@@ -138,15 +138,17 @@ def guidance_sweep(
     split: DigitsSplit,
     scales: Sequence[float],
     base: SampleConfig,
+    guidance_classifier: tuple[nn.Module, str] | None = None,
 ) -> list[dict[str, float]]:
-    """Accuracy and Frechet distance (vs held-out) of guided samples, one row per scale."""
+    """Accuracy and Frechet distance (vs held-out) of guided samples, one row per scale
+    (`guidance_classifier`: the noise-aware classifier for `base.classifier_guidance`)."""
     held_out = features(classifier, split.x_test_NCHW)
     y_N = class_grid(model.config.num_classes, base.per_class)
     rows = []
     for scale in scales:
         config = SampleConfig(**{**base.__dict__, "guidance_scale": scale})
         with torch.no_grad():
-            x = generate(model, process_name, y_N, config)
+            x = generate(model, process_name, y_N, config, classifier=guidance_classifier)
         if not bool(torch.isfinite(x).all()):  # e.g. a huge finite scale overflows
             raise ValueError(f"guidance scale {scale}: sampling produced non-finite values")
         fd = frechet_distance(features(classifier, x), held_out)
@@ -189,6 +191,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--data-seed", type=int, default=0, help="the split's seed (as in training)"
     )
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--classifier-guidance",
+        type=float,
+        default=0.0,
+        help="classifier guidance scale on every row (with --scales 0: the unconditional DiT)",
+    )
+    parser.add_argument(
+        "--noisy-classifier",
+        type=Path,
+        default=Path(__file__).parent / "assets" / "noisy_classifier.safetensors",
+        help="the noise-aware classifier for --classifier-guidance (not the judge)",
+    )
     return parser
 
 
@@ -200,7 +214,11 @@ def _main(args: argparse.Namespace) -> int:
     """Checks everything that can be checked first, then trains (optionally) and samples."""
     scales = parse_scales(args.scales)
     base = SampleConfig(
-        sampler=args.sampler, steps=args.steps, per_class=args.per_class, seed=args.seed
+        sampler=args.sampler,
+        steps=args.steps,
+        per_class=args.per_class,
+        seed=args.seed,
+        classifier_guidance=args.classifier_guidance,
     )
     if not 1 <= args.threads <= MAX_THREADS:
         raise cli.UserError(f"--threads must be in [1, {MAX_THREADS}], got {args.threads}")
@@ -210,6 +228,11 @@ def _main(args: argparse.Namespace) -> int:
         cli.check_out_file(args.classifier, "--classifier", (".safetensors",))
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
+    guidance_classifier = None
+    if base.classifier_guidance > 0:
+        from diffusion_ext.noisy_classifier import load_guidance_classifier
+
+        guidance_classifier = load_guidance_classifier(args.noisy_classifier)
     model, process_name = load_dit(args.checkpoint)
     if not args.train_classifier:
         classifier = load_classifier(args.classifier)
@@ -221,7 +244,7 @@ def _main(args: argparse.Namespace) -> int:
     floor = frechet_distance(
         features(classifier, split.x_train_NCHW), features(classifier, split.x_test_NCHW)
     )
-    rows = guidance_sweep(model, process_name, classifier, split, scales, base)
+    rows = guidance_sweep(model, process_name, classifier, split, scales, base, guidance_classifier)
     print(
         f"classifier held-out accuracy {held_out_acc:.4f}; FD floor (train vs held-out) {floor:.3f}"
     )
@@ -237,6 +260,7 @@ def _main(args: argparse.Namespace) -> int:
         "sampler": args.sampler,
         "steps": args.steps,
         "per_class": args.per_class,
+        "classifier_guidance": args.classifier_guidance,
     }
     print(json.dumps(summary))
     return 0

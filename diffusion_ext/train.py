@@ -190,9 +190,14 @@ def train(
     progress: bool = True,
     stop_after: int | None = None,
     stop: Callable[[], bool] | None = None,
+    data: DigitsSplit | None = None,
 ) -> dict[str, Any]:
     """Train, checkpoint to `out_dir/state.safetensors`, export `out_dir/ema.safetensors`; return
     a summary.
+
+    `data` replaces the digits split (seed and holdout fraction of `config`) as the training set:
+    e.g. the VQ-VAE latents of that split (`diffusion_ext.latent`); its x must have the model's
+    input shape, and a resumed run must be given the same data (the caller's business).
 
     `stop_after` ends this run (with a checkpoint, without the export) once that many steps are
     done in total, as a preempted job would; `resume=True` continues it. `stop()` is asked after
@@ -212,7 +217,8 @@ def train(
     if resume:
         run.load_state_dict(load_state(state_path))
         logger.info("resumed from %s at step %d", state_path, run.step)
-    data = load_digits_split(config.seed, config.holdout_fraction)
+    if data is None:
+        data = load_digits_split(config.seed, config.holdout_fraction)
 
     last = config.steps if stop_after is None else min(stop_after, config.steps)
     logger.info("training steps %d..%d of %d in %s", run.step, last, config.steps, out_dir)
