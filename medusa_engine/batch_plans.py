@@ -107,6 +107,7 @@ def tune_plans(
         raise ValueError("tuning needs prompts")
     chosen: dict[int, Candidate] = {}
     measured: dict[int, dict[str, float]] = {}
+    own = (engine.tree, engine.lookup, engine.lookup_branch)  # the schedulers below switch them
     resolved = {c: BatchPlan(parse_tree(c[0], engine.drafter), c[1]) for c in candidates}
     for size in sorted(set(sizes)):
         measured[size] = {}
@@ -129,6 +130,7 @@ def tune_plans(
         best = max(measured[size], key=lambda key: measured[size][key])
         tree, lookup = best.rsplit("|", 1)
         chosen[size] = (tree, int(lookup))
+    engine.tree, engine.lookup, engine.lookup_branch = own
     return chosen, measured
 
 

@@ -19,7 +19,8 @@ plain views of the cache. The cache (`RowKVCache`) grows in rows and slots by do
 the budget: its allocation, not an estimate, is what the budget bounds.
 
 Threading: `submit`, `cancel` and `stats` may be called from any thread; callbacks run on the
-scheduler's thread (keep them short: hand the event to your own queue).
+scheduler's thread (keep them short: hand the event to your own queue). The scheduler drives its
+engine: it sets the engine's tree and lookup branch to the plan of each step's batch size.
 """
 
 from __future__ import annotations

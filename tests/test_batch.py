@@ -311,6 +311,7 @@ def test_batch_plans_are_measured_saved_loaded_and_switched_by_batch_size(
     engine = build_engine(model, heads, "cpu_16", lookup=4)
     candidates = [("plain", 0), ("cpu_8", 4), ("cpu_16", 0)]
     chosen, measured = tune_plans(engine, prompts[:3], [1, 2], candidates, max_new_tokens=8)
+    assert engine.tree.num_nodes == 15 and engine.lookup == 4  # given back as it was
     assert set(chosen) == {1, 2} and all(c in candidates for c in chosen.values())
     assert all(len(measured[b]) == 3 and min(measured[b].values()) > 0 for b in (1, 2))
     path = tmp_path / "plans.json"
