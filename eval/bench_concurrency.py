@@ -35,8 +35,9 @@ from typing import Any
 
 import torch
 
+from eval.metrics import percentile
 from eval.timing import environment
-from medusa_engine.batch_plans import plans_for
+from medusa_engine.batch_plans import parse_sizes, plans_for
 from medusa_engine.config import SamplingConfig
 from medusa_engine.engine import load_engine
 from medusa_engine.scheduler import Event, Request, Scheduler
@@ -60,21 +61,11 @@ class RequestRecord:
         return (self.end_s - self.first_s) / (len(self.tokens) - 1)
 
 
-def levels_of(value: str) -> list[int]:
-    try:
-        levels = sorted({int(v) for v in value.split(",") if v.strip()})
-    except ValueError:
-        raise ValueError(f"--concurrency takes integers like 1,2,4,8, not {value!r}") from None
-    if not levels or levels[0] < 1:
-        raise ValueError("--concurrency levels must be >= 1")
-    return levels
-
-
 def run(args: Any, prompts: list, progress) -> dict:
     """The whole benchmark (see the module docstring); returns the summary."""
     from medusa_engine.hf_adapter import encode_prompt
 
-    levels = levels_of(args.concurrency)
+    levels = parse_sizes(args.concurrency, "--concurrency")
     from medusa_engine.cli import engine_config
 
     config = replace(engine_config(args), sampling=SamplingConfig())
@@ -238,16 +229,16 @@ def _figures(records: list[RequestRecord], stats) -> dict:
     tokens = sum(len(r.tokens) for r in records)
     span = max(r.end_s for r in records) - min(r.submit_s for r in records)
     # HF batches stream nothing: their requests have no first-token time, only an end.
-    ttft = sorted(r.ttft for r in records if r.first_s is not None)
-    tpot = sorted(t for r in records if (t := r.tpot) is not None)
+    ttft = [r.ttft for r in records if r.first_s is not None]
+    tpot = [t for r in records if (t := r.tpot) is not None]
     out = {
         "tokens": tokens,
         "wall_s": round(span, 3),
         "tokens_per_s": round(tokens / span, 2),
-        "ttft_p50_s": _pct(ttft, 50),
-        "ttft_p99_s": _pct(ttft, 99),
-        "tpot_p50_s": _pct(tpot, 50),
-        "tpot_p99_s": _pct(tpot, 99),
+        "ttft_p50_s": _round(percentile(ttft, 50)),
+        "ttft_p99_s": _round(percentile(ttft, 99)),
+        "tpot_p50_s": _round(percentile(tpot, 50)),
+        "tpot_p99_s": _round(percentile(tpot, 99)),
     }
     if stats is not None:
         out |= {
@@ -257,12 +248,6 @@ def _figures(records: list[RequestRecord], stats) -> dict:
             "kv_budget_bytes": stats.kv_budget_bytes,
         }
     return out
-
-
-def _pct(values: list[float], q: int) -> float | None:
-    if not values:
-        return None
-    return round(values[min(len(values) - 1, round(q / 100 * (len(values) - 1)))], 4)
 
 
 def _peak_rss() -> int:
@@ -314,3 +299,7 @@ def write(summary: dict, out: Path) -> None:
     }
     record["tokens_per_s"] = {k: v["tokens_per_s"] for k, v in summary["methods"].items()}
     print(json.dumps(record), file=sys.stdout)
+
+
+def _round(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, 4)

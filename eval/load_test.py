@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from eval.metrics import percentile
 from eval.prompts import load_prompts
 
 # `--prompts stories`: openings for the TinyStories model (stories260k: 512-token context, so
@@ -161,13 +162,6 @@ def one_request(
         out.latency_s = time.perf_counter() - start
         connection.close()
     return out
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -306,8 +300,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{result['completed']} / {result['errors']} / {result['lost']}",
         ),
         ("tokens/s (aggregate)", f"{result['tokens_per_s']:.1f}"),
-        ("latency p50 / p99 s", f"{result['latency_p50_s']:.3f} / {result['latency_p99_s']:.3f}"),
-        ("TTFT p50 / p99 s", f"{result['ttft_p50_s']:.3f} / {result['ttft_p99_s']:.3f}"),
+        ("latency p50 / p99 s", f"{_s(result['latency_p50_s'])} / {_s(result['latency_p99_s'])}"),
+        ("TTFT p50 / p99 s", f"{_s(result['ttft_p50_s'])} / {_s(result['ttft_p99_s'])}"),
         ("wall s", f"{result['wall_s']:.1f}"),
     ]
     memory = result["memory"]
@@ -326,6 +320,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.out:
         Path(args.out).write_text(line + "\n")
     return 0 if result["errors"] == 0 and result["lost"] == 0 else 1
+
+
+def _s(seconds: float | None) -> str:
+    return "n/a" if seconds is None else f"{seconds:.3f}"
 
 
 if __name__ == "__main__":

@@ -200,3 +200,11 @@ def _all_lengths(runs: Sequence[PromptRun]) -> list[int] | None:
     if not runs or any(r.accept_lengths is None for r in runs):
         return None
     return [n for r in runs for n in r.accept_lengths or ()]
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """The nearest-rank q-th percentile of `values` (None when there are none)."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]

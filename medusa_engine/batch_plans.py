@@ -34,6 +34,17 @@ Candidate = tuple[str, int]  # (tree spec, lookup)
 BUNDLED = "batch_plans.json"  # beside the heads it was tuned for
 
 
+def parse_sizes(value: str, flag: str) -> list[int]:
+    """`1,2,4,8` -> [1, 2, 4, 8] (sorted, unique, each >= 1), or ValueError naming `flag`."""
+    try:
+        sizes = sorted({int(v) for v in value.split(",") if v.strip()})
+    except ValueError:
+        raise ValueError(f"{flag} takes integers like 1,2,4,8, not {value!r}") from None
+    if not sizes or sizes[0] < 1:
+        raise ValueError(f"{flag} needs sizes >= 1, got {value!r}")
+    return sizes
+
+
 def load_plans(path: str | Path, drafter: Drafter | None) -> tuple[dict[int, BatchPlan], dict]:
     """The plans of a `save_plans` file, trees resolved for `drafter`; and the specs as written."""
     try:

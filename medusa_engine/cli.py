@@ -203,18 +203,13 @@ def cmd_tune_batch(args: argparse.Namespace) -> int:
     """`tune-tree --batch-sizes`: the best (tree, lookup) per batch size, measured."""
     from dataclasses import replace
 
-    from medusa_engine.batch_plans import describe, save_plans, tune_plans
+    from medusa_engine.batch_plans import describe, parse_sizes, save_plans, tune_plans
     from medusa_engine.calibration import calibration_prompts
     from medusa_engine.engine import heads_folder, load_engine, tree_value
     from medusa_engine.models import resolve_model
 
-    try:
-        sizes = sorted({int(v) for v in args.batch_sizes.split(",") if v.strip()})
-    except ValueError:
-        raise CLIError(
-            f"--batch-sizes takes integers like 1,2,4,8, not {args.batch_sizes!r}"
-        ) from None
-    if not sizes or sizes[0] != 1:
+    sizes = parse_sizes(args.batch_sizes, "--batch-sizes")
+    if sizes[0] != 1:
         raise CLIError("--batch-sizes must include 1 (the plan for a lone request)")
     out = Path(args.out) if args.out else None
     if out is not None:

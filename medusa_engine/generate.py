@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 
 import torch
@@ -303,7 +304,7 @@ class MedusaGenerator:
 
 
 def cut_at_finish(
-    chunk: list[int], out: list[int], max_new_tokens: int, eos: set[int]
+    chunk: list[int], out: list[int], max_new_tokens: int, eos: AbstractSet[int]
 ) -> tuple[list[int], str | None]:
     """Cut `chunk` at the first EOS (kept) or at the token budget; give the finish reason."""
     for i, token in enumerate(chunk):

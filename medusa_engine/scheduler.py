@@ -396,7 +396,7 @@ class Scheduler:
 
     def _deliver(self, job: _Job, tokens: list[int], counts_as_step: bool) -> None:
         """Emit a row's new tokens, cut at its finish; retire it if it finished."""
-        chunk, reason = cut_at_finish(tokens, job.out, job.request.max_new_tokens, set(job.eos))
+        chunk, reason = cut_at_finish(tokens, job.out, job.request.max_new_tokens, job.eos)
         job.out.extend(chunk)
         if counts_as_step:
             job.accepted += len(chunk)
