@@ -19,7 +19,10 @@ method), after one warm-up call each; device work is synchronised before each cl
 methods are compared token for token with `hf`; a difference is reported per prompt with its first
 differing position. `--tree-sweep cpu_8,cpu_16,...` adds the greedy engine on each of those trees
 (label `medusa@NAME`, with the same `--lookup` branch as `medusa`, so trees compare like for like;
-the `--tree` one reuses `medusa`) on the same prompts. Metric definitions:
+the `--tree` one reuses `medusa`) on the same prompts. `--compare-heads DIR` (repeatable) adds
+the greedy engine with other heads on the same model, tree setting and lookup branch (label
+`medusa+NAME`, NAME the folder's name; with `--tree-sweep`, `medusa+NAME@TREE` too): two drafters
+compared in one run. Metric definitions:
 `eval/metrics.py`; outputs: `eval/report.py`. Progress goes to stderr; stdout is a table, then one
 JSON line.
 
@@ -96,6 +99,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--tree-sweep",
         default=None,
         help="trees for `medusa`: presets or dynamic:N, e.g. cpu_8,dynamic:16",
+    )
+    parser.add_argument(
+        "--compare-heads",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="also run the greedy engine with these heads (repeatable; label medusa+NAME), on "
+        "the same --tree setting (their own tree.json for 'default', tuned for 'auto'), --lookup "
+        "and --tree-sweep",
     )
     parser.add_argument("--raw", action="store_true", help="do not apply the chat template")
     parser.add_argument(
@@ -182,6 +194,7 @@ def _run(args: argparse.Namespace) -> int:
     tree = tree_value(config.tree, heads_folder(config.heads, resolve_model(config.model)))
     model = greedy_engine.model
     runners = _methods(args, methods, tree, sweep_trees, greedy_engine)
+    runners += _compared(args, methods, sweep, greedy_engine)
     encoded = [encode_prompt(model.tokenizer, p.text, args.raw) for p in prompts]
     load_start = os.getloadavg()
     for m in runners:  # warm-up: one short call each, not measured
@@ -255,6 +268,43 @@ def _methods(
     return out
 
 
+def _compared(
+    args: argparse.Namespace, methods: list[str], sweep: list[str], greedy
+) -> list[Method]:
+    """The greedy engine with each `--compare-heads` folder, on the same model and settings."""
+    from medusa_engine.config import HeadsError
+    from medusa_engine.engine import build_engine
+    from medusa_engine.heads_io import load_heads
+
+    out: list[Method] = []
+    for folder in args.compare_heads:
+        path = Path(folder)
+        tree = tree_value(args.tree, path)
+        try:
+            heads = load_heads(path)
+            engine = build_engine(
+                greedy.model, heads, "plain" if tree == "auto" else tree, lookup=greedy.lookup
+            )
+        except (HeadsError, OSError) as err:
+            raise CLIError(f"--compare-heads {folder}: {err}") from None
+        if tree == "auto":
+            from medusa_engine.tune import auto_tree
+
+            engine.set_tree(parse_tree(auto_tree(engine, path, progress).spec(), engine.drafter))
+        label = f"medusa+{path.resolve().name}"
+        if "medusa" in methods:
+            out.append(Method(label, _engine_call(engine), engine, tree=tree))
+        for name in sweep:
+            if name == tree and "medusa" in methods:
+                continue
+            resolved = parse_tree(name, engine.drafter)
+            other = MedusaGenerator(
+                greedy.model, engine.drafter, resolved, SamplingConfig(), lookup=greedy.lookup
+            )
+            out.append(Method(f"{label}@{name}", _engine_call(other), other, tree=name))
+    return out
+
+
 def _hf_call(model, pld_tokens: int | None, sampling: SamplingConfig | None = None):
     pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
     extra: dict[str, Any] = {"prompt_lookup_num_tokens": pld_tokens} if pld_tokens else {}
@@ -306,18 +356,29 @@ def _measure(
 
 def _summary(args, prompts, runners, runs, model, load_start, sweep_trees) -> dict:
     trees = {m.label: m.engine.tree for m in runners if m.engine is not None}
-    greedy = [m.label for m in runners if m.label in GREEDY or m.label.startswith("medusa@")]
+    greedy = [
+        m.label for m in runners if m.label in GREEDY or m.label.startswith(("medusa@", "medusa+"))
+    ]
     results = metrics.summarize(
         runs, BASELINE, greedy, depth={label: t.max_depth for label, t in trees.items()}
     )
     sweep = None
     if sweep_trees:
-        labels = {m.tree: m.label for m in runners if m.label == "medusa" or "@" in m.label}
-        sweep = [
-            {"tree": name, "method": labels[name], "nodes": trees[labels[name]].num_nodes,
-             **{k: results[labels[name]]["all"][k] for k in ("tau", "tokens_per_s", "speedup")}}
-            for name in sweep_trees
-        ]  # fmt: skip
+        sweep = []
+        heads = {"medusa": heads_label(str(args.heads), args.model)}
+        heads |= {f"medusa+{Path(f).resolve().name}": repo_relative(f) for f in args.compare_heads}
+        for engine, heads_name in heads.items():
+            labels = {
+                m.tree: m.label
+                for m in runners
+                if m.label == engine or m.label.startswith(engine + "@")
+            }
+            sweep += [
+                {"heads": heads_name, "tree": name, "method": labels[name],
+                 "nodes": trees[labels[name]].num_nodes,
+                 **{k: results[labels[name]]["all"][k] for k in ("tau", "tokens_per_s", "speedup")}}
+                for name in sweep_trees if name in labels
+            ]  # fmt: skip
     stamp = _stamp(args, model, runners, load_start)
     warnings = []
     if model.device.type == "cpu" and max(stamp["load_avg_1m"]) > (stamp["cpu_count"] or 1):

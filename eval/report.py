@@ -134,20 +134,22 @@ def _plot_hist(out: Path, runs: dict[str, list[metrics.PromptRun]]) -> str:
 def _plot_sweep(out: Path, summary: dict) -> str:
     import matplotlib.pyplot as plt
 
-    rows = sorted(summary["tree_sweep"], key=lambda r: r["nodes"])
-    nodes = [r["nodes"] for r in rows]
     fig, (ax_tau, ax_tps) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_tau.plot(nodes, [r["tau"] or 0 for r in rows], marker="o")
+    every = sorted(summary["tree_sweep"], key=lambda r: r["nodes"])
+    for heads in dict.fromkeys(r.get("heads", "medusa") for r in every):
+        rows = [r for r in every if r.get("heads", "medusa") == heads]
+        nodes = [r["nodes"] for r in rows]
+        ax_tau.plot(nodes, [r["tau"] or 0 for r in rows], marker="o", label=heads)
+        ax_tps.plot(nodes, [r["tokens_per_s"] for r in rows], marker="o", label=heads)
     ax_tau.set_xlabel("tree nodes (incl. root)")
     ax_tau.set_ylabel("τ (tokens per step)")
-    ax_tps.plot(nodes, [r["tokens_per_s"] for r in rows], marker="o", label="medusa")
     base = summary["results"].get(summary["baseline"])
     if base:
         ax_tps.axhline(base["all"]["tokens_per_s"], color="black", linestyle="--", label="hf")
     ax_tps.set_xlabel("tree nodes (incl. root)")
     ax_tps.set_ylabel("tokens/s")
     ax_tps.legend()
-    for r in rows:
+    for r in every:
         ax_tau.annotate(r["tree"], (r["nodes"], r["tau"] or 0), fontsize=8)
     return _save(fig, out / "tree_sweep.png")
 
@@ -281,13 +283,14 @@ def _sweep(summary: dict) -> list[str]:
     if not summary.get("tree_sweep"):
         return ["## Tree sweep", "", "Not run (`--tree-sweep` not given).", ""]
     rows = [
-        [r["tree"], str(r["nodes"]), _f(r["tau"]), _f(r["tokens_per_s"], ".1f"), _f(r["speedup"])]
+        [r.get("heads", ""), r["tree"], str(r["nodes"]), _f(r["tau"]),
+         _f(r["tokens_per_s"], ".1f"), _f(r["speedup"])]
         for r in summary["tree_sweep"]
-    ]
+    ]  # fmt: skip
     return [
-        "## Tree sweep (greedy medusa)",
+        "## Tree sweep (greedy engine)",
         "",
-        *_md(["tree", "nodes", "τ", "tok/s", "speedup"], rows),
+        *_md(["heads", "tree", "nodes", "τ", "tok/s", "speedup"], rows),
     ]
 
 

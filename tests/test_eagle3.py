@@ -220,6 +220,61 @@ def test_training_lowers_the_loss_and_resumes_bit_for_bit(stories260k, prompt_id
     assert all(0 <= h["top1"] <= h["top5"] <= 1 for h in metrics["heads"])
 
 
+def test_cached_features_train_as_features_computed_per_batch(stories260k, prompt_ids, tmp_path):
+    """The disk cache of the base features (`compute_features`, bf16) trains the heads as the
+    features computed per batch do (up to bf16 rounding), and is refused for other examples."""
+    from medusa_engine.training.config import TrainConfig
+    from medusa_engine.training.data import Example
+    from medusa_engine.training.eagle3 import (
+        compute_features,
+        load_features,
+        save_features,
+        train,
+    )
+
+    examples = [Example(p + plain_greedy(stories260k, p, 16), len(p)) for p in prompt_ids[:6]]
+    cfg = TrainConfig(
+        kind="eagle3", num_heads=2, batch_size=2, steps=3, lr=3e-3, precision="fp32",
+        draft_vocab=128,
+    )  # fmt: skip
+    layers = default_aux_layers(stories260k.text_config.num_hidden_layers)
+    path = tmp_path / "features.safetensors"
+    save_features(path, compute_features(stories260k, examples, layers, batch_size=4), "k1")
+    assert load_features(path, "k2") is None  # other examples or layers: recomputed
+    features = load_features(path, "k1")
+    assert features is not None and len(features) == 6
+    assert features.aux_TX.shape == (sum(len(e.ids) for e in examples), 3 * stories260k.hidden_size)
+    cached = train(stories260k, examples, cfg, features=features)
+    fresh = train(stories260k, examples, cfg)
+    torch.testing.assert_close(
+        torch.tensor(cached.losses), torch.tensor(fresh.losses), rtol=2e-2, atol=0
+    )
+    assert cached.losses != fresh.losses  # the cache was read (bf16), not the base model
+
+
+def test_cli_trains_eagle3_heads_with_a_feature_cache(tmp_path, capsys):
+    from medusa_engine.heads_io import load_heads
+    from medusa_engine.training import cli
+    from tests.test_recurrent_heads import STORIES
+
+    data = tmp_path / "stories.txt"
+    data.write_text("<|endoftext|>".join(STORIES.read_text("utf-8").split("<|endoftext|>")[:20]))
+    argv = ["--model", "stories260k", "--data", str(data), "--out", str(tmp_path / "heads"),
+            "--kind", "eagle3", "--steps", "2", "--batch-size", "4", "--max-length", "48",
+            "--num-heads", "2", "--draft-vocab", "128", "--precision", "fp32",
+            "--eval-fraction", "0.2", "--checkpoint", str(tmp_path / "run" / "state.safetensors")]  # fmt: skip
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    cache = tmp_path / "run" / "eagle3_features.safetensors"
+    heads = load_heads(tmp_path / "heads")
+    assert cache.is_file() and isinstance(heads, Eagle3Heads) and heads.num_heads == 2
+    stamp = cache.stat().st_mtime_ns
+    assert cli.main([*argv, "--out", str(tmp_path / "heads2")]) == 0  # reuses the cache
+    assert cache.stat().st_mtime_ns == stamp
+    again = load_heads(tmp_path / "heads2")
+    for (name, a), b in zip(heads.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
 def test_calibration_reads_the_same_ranks_in_any_order(stories260k, prompt_ids, heads):
     """Tree tuning drafts at positions of several texts after their forwards (`calibration`):
     the drafter finds or recomputes each text's features, so the order does not matter."""

@@ -200,6 +200,45 @@ def test_bench_end_to_end_on_stories260k(capsys, tmp_path):
     assert "| medusa |" in md and "tree_sweep.png" in md
 
 
+def test_compare_heads_runs_a_second_drafter_in_the_same_run(tmp_path, capsys):
+    """`--compare-heads`: the bundled EAGLE-3 drafter beside random recurrent heads, both greedy
+    and lossless, both on the tree sweep, one table."""
+    random_heads(save_to=tmp_path / "heads")
+    prompts = write_jsonl(tmp_path / "stories.jsonl", [
+        {"question_id": i, "category": "story", "prompt": t} for i, t in enumerate(STORIES[:2])
+    ])  # fmt: skip
+    out, eagle3 = tmp_path / "out", "medusa_engine/assets/heads/stories260k-eagle3"
+    code = harness.main([
+        "--model", "stories260k", "--heads", str(tmp_path / "heads"), "--dtype", "fp32",
+        "--prompts", str(prompts), "--max-new-tokens", "16", "--tree", "cpu_8",
+        "--tree-sweep", "cpu_8,dynamic:8", "--methods", "hf,medusa", "--out", str(out),
+        "--threads", "1", "--lookup", "0", "--compare-heads", eagle3,
+    ])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    res = summary["results"]
+    assert list(res) == [
+        "hf", "medusa", "medusa@dynamic:8", "medusa+stories260k-eagle3",
+        "medusa+stories260k-eagle3@dynamic:8",
+    ]  # fmt: skip
+    assert all(r["mismatches"]["count"] == 0 for m, r in res.items() if m != "hf")
+    assert res["medusa+stories260k-eagle3"]["all"]["tau"] > res["medusa"]["all"]["tau"]
+    sweep = {(r["heads"], r["tree"]): r["method"] for r in summary["tree_sweep"]}
+    assert sweep[(eagle3, "cpu_8")] == "medusa+stories260k-eagle3"
+    assert sweep[(eagle3, "dynamic:8")] == "medusa+stories260k-eagle3@dynamic:8" and len(sweep) == 4
+    assert f"| {eagle3} | dynamic:8 |" in (out / "summary.md").read_text()
+
+
+def test_compare_heads_that_cannot_load_are_a_one_line_error(tmp_path, capsys):
+    for folder in (tmp_path / "missing", "medusa_engine/assets/heads/smollm2-135m-instruct"):
+        code = harness.main([
+            "--model", "stories260k", "--heads", "none", "--prompts", "mt_bench", "--limit", "1",
+            "--methods", "medusa", "--out", str(tmp_path / "out"), "--compare-heads", str(folder),
+        ])  # fmt: skip
+        err = capsys.readouterr().err
+        assert code == 2 and "--compare-heads" in err and err.count("\n") == 1, err
+
+
 def test_step_benchmark_smoke_on_cpu(capsys):
     from eval import bench_step
 
@@ -212,6 +251,27 @@ def test_step_benchmark_smoke_on_cpu(capsys):
     for method in ("hf-eager", "engine-sdpa"):
         row = summary["ms_per_step"][method]
         assert "error" not in row and all(row[s] > 0 for s in ("1", "16")), row
+
+
+def test_draft_cost_benchmark_times_each_depth_and_the_capture(capsys):
+    from eval import bench_draft
+
+    eagle3 = "medusa_engine/assets/heads/stories260k-eagle3"
+    code = bench_draft.main([
+        "--model", "stories260k", "--dtype", "fp32", "--heads", eagle3, "--heads",
+        "medusa_engine/assets/heads/stories260k", "--tree", "dynamic:8:4:4:3", "--limit", "2",
+        "--max-new-tokens", "12", "--threads", "1", "--capture-tokens", "8",
+        "--capture-repeats", "2",
+    ])  # fmt: skip
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert code == 0 and summary["benchmark"] == "draft_cost"
+    row = summary["engines"]["stories260k-eagle3"]
+    assert row["greedy_mismatches_vs_first"] == 0 and row["heads"] == eagle3
+    assert list(row["draft_ms_per_depth"]) == ["1", "2", "3"]
+    assert 0 < row["draft_ms_per_step"] < row["ms_per_step"] and 0 < row["draft_share"] < 1
+    assert summary["engines"]["stories260k"]["greedy_mismatches_vs_first"] == 0
+    capture = summary["aux_capture"]
+    assert capture["ms_without_hooks"] > 0 and capture["ms_with_hooks"] > 0
 
 
 @pytest.mark.slow

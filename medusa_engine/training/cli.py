@@ -74,7 +74,7 @@ def add_arguments(p: Any) -> None:
     p.add_argument(
         "--features-cache",
         default=None,
-        help="--kind recurrent: cached base features (default beside --checkpoint)",
+        help="--kind recurrent or eagle3: cached base features (default beside --checkpoint)",
     )
     _add_distill_arguments(p)
     _add_config_arguments(p)

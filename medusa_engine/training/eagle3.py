@@ -4,9 +4,12 @@ accuracy per depth, confidence temperatures.
 Shape legend (ARCHITECTURE.md): B examples in a batch, T tokens, C = T - 1 chains, E hidden size,
 X = 3E, H query heads, G key/value heads, D head dim, M draft vocabulary, J draft steps.
 
-Features: the frozen base model runs over each batch (its three aux layers' outputs and its own
-next-token choices a_t), then the draft model. No disk cache: the base forward is one batched
-pass per step and the features (3E per token, fp32) would outweigh the examples many times.
+Features: the frozen base model's three aux layers' outputs and its own next-token choices a_t.
+`Eagle3Features` computes them once for every example (bf16, 3E per token: 3.5 kB for SmolLM2)
+and `train-heads` caches them on disk beside the checkpoint, so each step costs only the draft
+layer: on the 2-core CPU, recomputing them per batch made a SmolLM2 step several times slower
+than the draft layer's forward and backward. Without features, `Eagle3Loss` computes them per
+batch (the tests' small runs).
 
 Training-time test (EAGLE-3, Sec. 3.2): chain p starts at base position p. Step 0 reads
 h^0_p = fc(aux_p) and x_{p+1}; step j >= 1 reads h^j_p = s^{j-1}_p (the draft's own state) and
@@ -22,13 +25,19 @@ greedy answers, so x = a along them).
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from attention.precision import autocast, get_policy
+from attention.state_files import atomic_write
 from medusa_engine.eagle3 import MAX_UNROLL, Eagle3Config, Eagle3Heads, default_aux_layers
 from medusa_engine.training.config import TrainConfig, TrainResult
 from medusa_engine.training.data import Example
@@ -99,6 +108,81 @@ def base_features(
     return aux_BTX.float(), model.logits(out.last_hidden_state).argmax(-1)
 
 
+@dataclass
+class Eagle3Features:
+    """Base features of a list of examples, concatenated: example i owns rows
+    offsets_N1[i]:offsets_N1[i + 1] (CPU tensors)."""
+
+    aux_TX: torch.Tensor  # bf16, the aux layers' outputs at every position
+    argmax_T: torch.Tensor  # int64, a_t
+    offsets_N1: torch.Tensor  # int64
+
+    def __len__(self) -> int:
+        return int(self.offsets_N1.numel()) - 1
+
+    def part(self, lo: int, hi: int) -> Eagle3Features:
+        """The features of examples lo..hi-1 (views, no copy)."""
+        return Eagle3Features(self.aux_TX, self.argmax_T, self.offsets_N1[lo : hi + 1])
+
+    def batch(self, rows: list[int], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(aux_BTX float, a_BT) of the examples `rows`, right-padded with zeros to `width`."""
+        aux_BTX = torch.zeros(len(rows), width, self.aux_TX.shape[1])
+        a_BT = torch.zeros(len(rows), width, dtype=torch.int64)
+        for b, i in enumerate(rows):
+            lo, hi = int(self.offsets_N1[i]), int(self.offsets_N1[i + 1])
+            aux_BTX[b, : hi - lo] = self.aux_TX[lo:hi]
+            a_BT[b, : hi - lo] = self.argmax_T[lo:hi]
+        return aux_BTX, a_BT
+
+
+@torch.no_grad()
+def compute_features(
+    model: Any,
+    examples: list[Example],
+    layers: tuple[int, ...],
+    batch_size: int = 8,
+    progress: Callable[[int], None] | None = None,
+) -> Eagle3Features:
+    """`base_features` of every example (batches of similar lengths, to pad little)."""
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].ids))
+    parts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for lo in range(0, len(order), batch_size):
+        rows = order[lo : lo + batch_size]
+        ids_BT, lengths_B = _pad(examples, rows)
+        aux_BTX, a_BT = base_features(model, ids_BT.to(model.device), layers)
+        for b, i in enumerate(rows):
+            n = int(lengths_B[b])
+            parts[i] = (aux_BTX[b, :n].to(torch.bfloat16).cpu(), a_BT[b, :n].cpu())
+        if progress:
+            progress(len(rows))
+    sizes = torch.tensor([len(e.ids) for e in examples])
+    return Eagle3Features(
+        torch.cat([parts[i][0] for i in range(len(examples))]),
+        torch.cat([parts[i][1] for i in range(len(examples))]),
+        torch.cat([torch.zeros(1, dtype=torch.int64), sizes.cumsum(0)]),
+    )
+
+
+def save_features(path: Path, features: Eagle3Features, key: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {
+        "aux_TX": features.aux_TX.contiguous(),
+        "argmax_T": features.argmax_T.contiguous(),
+        "offsets_N1": features.offsets_N1.contiguous(),
+    }
+    atomic_write(path, lambda p: save_file(tensors, str(p), metadata={"key": key}))
+
+
+def load_features(path: Path, key: str) -> Eagle3Features | None:
+    """The cached features, or None when absent or computed for other examples / model / layers."""
+    if not path.is_file():
+        return None
+    with safe_open(str(path), framework="pt") as f:
+        if (f.metadata() or {}).get("key") != key:
+            return None
+    return Eagle3Features(**load_file(str(path)))
+
+
 def _repeat_kv(x_BGCD: torch.Tensor, heads: int) -> torch.Tensor:
     return x_BGCD.repeat_interleave(heads // x_BGCD.shape[1], dim=1)
 
@@ -146,11 +230,20 @@ def unroll(
 class Eagle3Loss(nn.Module):
     """Heads + the loss; the base model, its embedding and the targets' map are attributes."""
 
-    def __init__(self, heads: Eagle3Heads, model: Any, examples: list[Example], decay: float):
+    def __init__(
+        self,
+        heads: Eagle3Heads,
+        model: Any,
+        examples: list[Example],
+        decay: float,
+        features: Eagle3Features | None = None,
+    ):
         super().__init__()
         self.heads, self.decay = heads, decay
         self._base = [model]  # not a submodule: frozen, never wrapped or saved
-        self.examples = examples
+        self.examples, self.features = examples, features
+        if features is not None and len(features) != len(examples):
+            raise ValueError(f"{len(features)} examples' features for {len(examples)} examples")
         self.to_draft_V = torch.full((model.vocab_size,), -1, dtype=torch.int64)
         self.to_draft_V[heads.draft_vocab_M.cpu()] = torch.arange(heads.d2t.numel())
 
@@ -160,7 +253,11 @@ class Eagle3Loss(nn.Module):
         model = self._base[0]
         ids_BT, lengths_B = _pad(self.examples, rows)
         ids_BT = ids_BT.to(model.device)
-        aux_BTX, a_BT = base_features(model, ids_BT, self.heads.config.aux_layers)
+        if self.features is None:
+            aux_BTX, a_BT = base_features(model, ids_BT, self.heads.config.aux_layers)
+        else:
+            aux_BTX, a_BT = self.features.batch(rows, ids_BT.shape[1])
+            aux_BTX = aux_BTX.to(model.device)
         emb_BTE = model.embed_tokens(ids_BT).detach().float()
         c_len = ids_BT.shape[1] - 1
         p_C = torch.arange(c_len)
@@ -205,13 +302,15 @@ def train(
     accelerator: Any = None,
     on_step: OnStep | None = None,
     aux_layers: tuple[int, ...] = (),
+    features: Eagle3Features | None = None,
 ) -> TrainResult:
-    """Train EAGLE-3 heads on `train_ex` (`loop.optimize`: resumable atomic checkpoints)."""
+    """Train EAGLE-3 heads on `train_ex` (`loop.optimize`: resumable atomic checkpoints), reading
+    `features` (`compute_features` of `train_ex` with the heads' aux layers) when given."""
     acc = setup(model, cfg, accelerator)
     size = min(cfg.draft_vocab or model.vocab_size, model.vocab_size)
     vocab_M = draft_vocabulary(train_ex, size, model.vocab_size)
     heads = make_heads(model, cfg, vocab_M, aux_layers).to(acc.device)
-    module = Eagle3Loss(heads, model, train_ex, cfg.decay)
+    module = Eagle3Loss(heads, model, train_ex, cfg.decay, features)
 
     def batch_loss(rows: list[int], wrapped: Any) -> Any:
         return wrapped(rows)
@@ -228,12 +327,13 @@ def evaluate(
     examples: list[Example],
     batch_size: int = 8,
     precision: str = "fp32",
+    features: Eagle3Features | None = None,
 ) -> dict[str, Any]:
     """Per-depth top-1/top-5 of the base model's own choice on held-out `examples` (training-time
     test: each depth reads the draft's own states), then the NLL-optimal confidence temperature
     per depth down to MAX_UNROLL * J."""
     heads = heads.to(model.device).eval()
-    loss = Eagle3Loss(heads, model, examples, 1.0)
+    loss = Eagle3Loss(heads, model, examples, 1.0, features)
     depths = MAX_UNROLL * heads.num_heads
     hits1, hits5, counts = [0] * depths, [0] * depths, [0] * depths
     logits_of: list[list[torch.Tensor]] = [[] for _ in range(depths)]
@@ -255,7 +355,10 @@ def evaluate(
                 logits_of[j].append(logits_NM.cpu())
                 targets_of[j].append(t[scored].cpu())
         ids_BT, lengths_B = _pad(examples, rows)
-        _, a_BT = base_features(model, ids_BT.to(model.device), heads.config.aux_layers)
+        if features is None:
+            _, a_BT = base_features(model, ids_BT.to(model.device), heads.config.aux_layers)
+        else:
+            a_BT = features.batch(rows, ids_BT.shape[1])[1]
         for b, i in enumerate(rows):
             s, n = examples[i].start, int(lengths_B[b])
             base_hits += int((a_BT[b, s - 1 : n - 1].cpu() == ids_BT[b, s:n]).sum())

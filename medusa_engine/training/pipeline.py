@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from attention.precision import autocast, get_policy
 from attention.state_files import atomic_write
-from medusa_engine.eagle3 import Eagle3Heads
+from medusa_engine.eagle3 import Eagle3Heads, default_aux_layers
 from medusa_engine.heads import MedusaHeads
 from medusa_engine.heads_io import save_heads
 from medusa_engine.hf_adapter import HFModel, quiet_transformers
@@ -203,11 +203,42 @@ def _train_eagle3(
     acc: Any,
     on_step: OnStep,
 ) -> tuple[TrainResult, dict[str, Any]]:
-    """`eagle3.train` -> held-out accuracy per depth and confidence temperatures."""
-    aux = tuple(args.aux_layers or ())
-    result = eagle3.train(model, train_ex, cfg, checkpoint, args.resume, acc, on_step, aux)
+    """Features (cached) -> `eagle3.train` -> held-out accuracy per depth and confidence
+    temperatures."""
+    aux = tuple(args.aux_layers or ()) or default_aux_layers(
+        int(model.text_config.num_hidden_layers)
+    )
+    every = train_ex + eval_ex
+    path = Path(args.features_cache or checkpoint.with_name("eagle3_features.safetensors"))
+    key = feats.features_key(f"{model.name}|aux layers {list(aux)}", every)
+    features = eagle3.load_features(path, key)
+    if features is None:
+        bar = Progress(total=len(every), desc="features", disable=not acc.is_main_process)
+        with torch.no_grad(), autocast(get_policy(cfg.precision), model.device):
+            features = eagle3.compute_features(model, every, aux, 8, bar.update)
+        bar.close()
+        if acc.is_main_process:
+            eagle3.save_features(path, features, key)
+    result = eagle3.train(
+        model,
+        train_ex,
+        cfg,
+        checkpoint,
+        args.resume,
+        acc,
+        on_step,
+        aux,
+        features.part(0, len(train_ex)),
+    )
     heads = cast(Eagle3Heads, result.heads)
-    metrics = eagle3.evaluate(model, heads, eval_ex, cfg.batch_size, cfg.precision)
+    metrics = eagle3.evaluate(
+        model,
+        heads,
+        eval_ex,
+        cfg.batch_size,
+        cfg.precision,
+        features.part(len(train_ex), len(every)),
+    )
     temps = tuple(row["temperature"] for row in metrics["calibration"])
     heads.config = replace(heads.config, confidence_temperature=temps)
     return result, metrics
