@@ -114,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from medusa_engine.engine import build_engine
     from medusa_engine.heads_io import load_heads
     from medusa_engine.hf_adapter import HFModel, encode_prompt, quiet_transformers
-    from medusa_engine.hf_adapter.aux_hidden import decoder_layers
+    from medusa_engine.hf_adapter.aux_hidden import AuxCapture, decoder_layers
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="smollm2-135m-instruct")
@@ -150,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     def timed_grow(spec: Any, root: Any, expand: Any, vocab: Any = None) -> Any:
         return grow(spec, root, active[0].timed_expand(expand), vocab)
 
-    eagle3_module.grow = drafters_module.grow = timed_grow  # type: ignore[attr-defined]
+    eagle3_module.grow = drafters_module.grow = timed_grow  # type: ignore[attr-defined,assignment]
 
     prompts = [
         encode_prompt(model.tokenizer, p.text) for p in load_prompts(args.prompts, args.limit)
@@ -195,12 +195,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             "tokens": s["tokens"],
         }
     capture = None
-    eagle3 = [e.drafter for e in engines.values() if isinstance(e.drafter, Eagle3Drafter)]
-    layers = (
-        eagle3[0].capture.layer_ids if eagle3 else default_aux_layers(len(decoder_layers(model)))
-    )
-    for d in eagle3:  # measure the hooks alone: the drafters' own go first
-        d.capture.close()
+    hooks = [
+        e.drafter.capture
+        for e in engines.values()
+        if isinstance(e.drafter, Eagle3Drafter) and isinstance(e.drafter.capture, AuxCapture)
+    ]
+    layers = hooks[0].layer_ids if hooks else default_aux_layers(len(decoder_layers(model)))
+    for h in hooks:  # measure the hooks alone: the drafters' own go first
+        h.close()
     capture = capture_cost(model, tuple(layers), args.capture_tokens, args.capture_repeats)
     summary = {
         "benchmark": "draft_cost",
