@@ -318,17 +318,42 @@ def test_the_capture_hooks_go_with_the_drafter(stories260k, heads):
     assert (len(layer._forward_hooks), len(stories260k.decoder._forward_pre_hooks)) == before
 
 
-def test_int8_drafting_proposes_what_float_drafting_does(stories260k, prompt_ids, heads):
+class LoudFirstPosition:
+    """An aux capture whose first position is 1000x louder, as a real model's first token is
+    in its residual stream (SmolLM2: orders of magnitude above the other positions)."""
+
+    def __init__(self, inner: AuxCapture) -> None:
+        self.inner = inner
+
+    def rows(self) -> torch.Tensor:
+        rows = self.inner.rows().clone()
+        rows[0] *= 1000
+        return rows
+
+    def inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.inner.inputs()
+
+
+@pytest.mark.parametrize("loud_first_position", [False, True])
+def test_int8_drafting_proposes_what_float_drafting_does(
+    stories260k, prompt_ids, heads, loud_first_position
+):
+    """Also when one position's features dwarf the others: an int8 product quantises all its
+    rows with one scale, so the fusion of a whole prompt's features must not go through one."""
     tree = tree_from_name("mc_sim_7b_63", 3)
     drafts = []
     for int8 in (False, True):
-        drafter = Eagle3Drafter(heads, stories260k, int8=int8)
+        capture = AuxCapture(stories260k, heads.config.aux_layers)
+        if loud_first_position:
+            capture = LoudFirstPosition(capture)
+        drafter = Eagle3Drafter(heads, stories260k, capture=capture, int8=int8)
         engine = MedusaGenerator(stories260k, drafter, build_tree([], 0))
         session = stories260k.new_session()
         state = engine.prefill(prompt_ids[8], session)
         drafts.append(
             drafter.draft(state.hidden_E, torch.tensor(state.root), tree, session.token_ids)
         )
+        (capture.inner if loud_first_position else capture).close()
     assert drafter.heads is not heads and isinstance(heads.fc, torch.nn.Linear)
     assert (drafts[0] == drafts[1]).float().mean() > 0.8
 
