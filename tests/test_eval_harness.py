@@ -285,3 +285,26 @@ def test_hf_static_baseline_survives_many_calls_on_cpu(capsys):
                             "--methods", "hf-static-compiled"])  # fmt: skip
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["ms_per_step"]
     assert code == 0 and all(row["hf-static-compiled"][s] > 0 for s in ("1", "4")), row
+
+
+def test_drafter_fit_scores_training_and_held_out_examples(tmp_path, capsys):
+    from eval import drafter_fit
+    from tests.test_recurrent_heads import STORIES
+
+    data = tmp_path / "stories.txt"
+    data.write_text("<|endoftext|>".join(STORIES.read_text("utf-8").split("<|endoftext|>")[:10]))
+    flags = ["--model", "stories260k", "--data", str(data), "--max-length", "48",
+             "--precision", "fp32", "--eval-fraction", "0.2", "--batch-size", "4"]  # fmt: skip
+    eagle3 = "medusa_engine/assets/heads/stories260k-eagle3"
+    code = drafter_fit.main(
+        ["--heads", eagle3, "--train-sample", "3", "--", *flags, "--kind", "eagle3"]
+    )
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert code == 0 and summary["kind"] == "eagle3"
+    assert list(summary["top1"]) == ["train (first 3)", "held-out (2)"]
+    for top1 in summary["top1"].values():
+        assert len(top1) == 4 and all(0 <= a <= 1 for a in top1) and top1[0] > 0, top1
+    with pytest.raises(SystemExit):  # a medusa drafter scored as eagle3: refused
+        drafter_fit.main(["--heads", "medusa_engine/assets/heads/stories260k", "--", *flags,
+                          "--kind", "eagle3"])  # fmt: skip
+    assert "is a medusa drafter; the flags say --kind eagle3" in capsys.readouterr().err
