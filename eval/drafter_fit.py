@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from eval.timing import environment
+
 
 def score(model: Any, heads: Any, kind: str, examples: list[Any], cfg: Any) -> list[float]:
     """Per-depth top-1 of `heads` on `examples`, with the evaluation `train-heads` reports."""
@@ -53,11 +55,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from accelerate import Accelerator
 
     from medusa_engine.heads_io import load_heads
-    from medusa_engine.hf_adapter import HFModel, quiet_transformers
     from medusa_engine.training import cli, pipeline
 
     train_parser = argparse.ArgumentParser(prog="train-heads flags")
     cli.add_arguments(train_parser)
+    # train-heads requires --out; nothing is written here
     flags = [*argv[split + 1 :], *([] if "--out" in argv[split + 1 :] else ["--out", "unused"])]
     train_args = train_parser.parse_args(flags)
     cfg = cli.config_from_args(train_args)
@@ -69,16 +71,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if kind != cfg.kind:
         parser.error(f"--heads {args.heads} is a {kind} drafter; the flags say --kind {cfg.kind}")
 
-    pipeline.quiet_datasets()
-    records = pipeline.load_records(train_args.data, train_args.split)
-    if train_args.max_examples > 0:
-        records = records.select(range(min(train_args.max_examples, len(records))))
-    quiet_transformers()
-    model = HFModel.load(
-        train_args.model, dtype=train_args.dtype, device=train_args.device or "cpu"
-    )
-    acc = Accelerator(cpu=True)
-    train_ex, eval_ex = pipeline.build_examples(model, records, train_args, cfg, acc)
+    acc = Accelerator(cpu=train_args.device == "cpu")
+    model, train_ex, eval_ex = pipeline.load_examples(train_args, cfg, acc)
     sample = train_ex[: args.train_sample]
     rows = {
         f"train (first {len(sample)})": score(model, heads, kind, sample, cfg),
@@ -87,7 +81,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{'examples':<22} top-1 per depth")
     for name, top1 in rows.items():
         print(f"{name:<22} " + " ".join(f"{a:.3f}" for a in top1))
-    print(json.dumps({"benchmark": "drafter_fit", "heads": args.heads, "kind": kind, "top1": rows}))
+    stamp = environment(model.device, model.dtype)
+    print(json.dumps({"benchmark": "drafter_fit", "heads": args.heads, "kind": kind, **stamp,
+                      "top1": rows}))  # fmt: skip
     return 0
 
 

@@ -312,16 +312,25 @@ def _report(summary: dict[str, Any]) -> None:
     print(json.dumps({k: v for k, v in summary.items() if k not in skip}))
 
 
-def train_heads(args: Any, cfg: TrainConfig, out: Path, checkpoint: Path) -> int:
-    """The whole command once `cli.run` has parsed the flags and checked `out`."""
+def load_examples(
+    args: Any, cfg: TrainConfig, acc: Any
+) -> tuple[HFModel, list[Example], list[Example]]:
+    """The base model and the (train, held-out) examples that `train-heads` flags `args` name
+    (also `eval.drafter_fit`, which scores a trained drafter on both)."""
     quiet_datasets()
     records = load_records(args.data, args.split)
     if args.max_examples > 0:
         records = records.select(range(min(args.max_examples, len(records))))
-    acc = Accelerator(cpu=args.device == "cpu")
     quiet_transformers()
     model = HFModel.load(args.model, dtype=args.dtype, device=args.device or acc.device)
     train_ex, eval_ex = build_examples(model, records, args, cfg, acc)
+    return model, train_ex, eval_ex
+
+
+def train_heads(args: Any, cfg: TrainConfig, out: Path, checkpoint: Path) -> int:
+    """The whole command once `cli.run` has parsed the flags and checked `out`."""
+    acc = Accelerator(cpu=args.device == "cpu")
+    model, train_ex, eval_ex = load_examples(args, cfg, acc)
     total = cfg.steps or None
     bar = Progress(
         total=total, desc="train-heads", disable=not acc.is_main_process, dynamic_ncols=True
